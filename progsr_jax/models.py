@@ -1,0 +1,185 @@
+"""The progressive generator and discriminator of Kim et al. (BMVC 2019).
+
+Both follow the authors' ``model.py`` layer for layer, and their parameter
+trees map one-to-one onto the official PyTorch state dicts (see
+:mod:`progsr_jax.convert`): ``step1.3.conv.0.conv.weight_orig`` is
+``params['step1_3']['conv_0']['conv']['weight_orig']``.
+
+``width`` scales every hidden channel count (1.0 = the paper: G 8,969,097 and
+D 8,065,537 parameters).  ``step`` (1, 2, 3) selects the output resolution
+(32, 64, 128) and is static; ``alpha`` is a traced scalar: for 0 <= alpha < 1
+at steps 2 and 3 the new block is faded in, otherwise it is used alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from progsr_jax.layers import (BatchNorm2d, Conv2d, ConvTranspose2d, EqualConv2d, Linear,
+                               avg_pool2, upsample_nearest2)
+
+Dtype = Any
+
+# Names of the transposed convolutions (their PyTorch weights are (in, out, kh, kw)).
+G_CONV_TRANSPOSE = ("step1_4", "step2_1", "step3_1")
+
+
+def channels(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+def fading(alpha) -> jnp.ndarray:
+    """True where the official code fades (0 <= alpha < 1)."""
+    return (alpha >= 0) & (alpha < 1)
+
+
+def mix(alpha, old, new):
+    """(1 - alpha) * old + alpha * new while fading, else new."""
+    a = jnp.asarray(alpha, new.dtype)
+    return jnp.where(fading(alpha), (1 - a) * old + a * new, new)
+
+
+class ResBlock(nn.Module):
+    """x + [EqualConv3x3, BN, ReLU, EqualConv3x3, BN, ReLU](x); keys ``conv.{0,1,3,4}``."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        d = x.shape[-1]
+        h = EqualConv2d(d, dtype=self.dtype, name="conv_0")(x)
+        h = nn.relu(BatchNorm2d(dtype=self.dtype, name="conv_1")(h, train))
+        h = EqualConv2d(d, dtype=self.dtype, name="conv_3")(h)
+        h = nn.relu(BatchNorm2d(dtype=self.dtype, name="conv_4")(h, train))
+        return h + x
+
+
+class ConvBlock(nn.Module):
+    """[EqualConv3x3, LeakyReLU(0.2)] x 2; keys ``conv.{0,2}``."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.leaky_relu(EqualConv2d(self.features, dtype=self.dtype, name="conv_0")(x), 0.2)
+        return nn.leaky_relu(EqualConv2d(self.features, dtype=self.dtype, name="conv_2")(x), 0.2)
+
+
+class Generator(nn.Module):
+    """16x16 -> 32/64/128 progressive generator (no output activation)."""
+
+    width: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = lambda n: channels(n, self.width)  # noqa: E731
+        dt = self.dtype
+        self.step1_0 = Conv2d(c(512), 3, 1, dtype=dt)
+        self.step1_1 = BatchNorm2d(dtype=dt)
+        self.step1_3 = ResBlock(dtype=dt)
+        self.step1_4 = ConvTranspose2d(c(256), dtype=dt)
+        self.step1_5 = BatchNorm2d(dtype=dt)
+        self.step2_0 = ResBlock(dtype=dt)
+        self.step2_1 = ConvTranspose2d(c(128), dtype=dt)
+        self.step2_2 = BatchNorm2d(dtype=dt)
+        self.step3_0 = ResBlock(dtype=dt)
+        self.step3_1 = ConvTranspose2d(c(64), dtype=dt)
+        self.step3_2 = BatchNorm2d(dtype=dt)
+        self.to_rgb_0 = Conv2d(3, 1, 0, dtype=dt)
+        self.to_rgb_1 = Conv2d(3, 1, 0, dtype=dt)
+        self.to_rgb_2 = Conv2d(3, 1, 0, dtype=dt)
+
+    def block1(self, x, train):
+        x = nn.relu(self.step1_1(self.step1_0(x), train))
+        x = self.step1_3(x, train)
+        return nn.relu(self.step1_5(self.step1_4(x), train))
+
+    def block2(self, x, train):
+        x = self.step2_0(x, train)
+        return nn.relu(self.step2_2(self.step2_1(x), train))
+
+    def block3(self, x, train):
+        x = self.step3_0(x, train)
+        return nn.relu(self.step3_2(self.step3_1(x), train))
+
+    def __call__(self, x, step: int = 3, alpha=1.0, train: bool = False):
+        if step not in (1, 2, 3):
+            raise ValueError(f"step must be 1, 2 or 3, got {step}")
+        blocks = (self.block1, self.block2, self.block3)
+        to_rgb = (self.to_rgb_0, self.to_rgb_1, self.to_rgb_2)
+        if self.is_initializing():  # to_rgb_0 is not on the step-3 path; create it too
+            self.to_rgb_0(jnp.zeros((1, 1, 1, channels(256, self.width)), self.dtype))
+        h = x.astype(self.dtype)
+        for k in range(step - 1):
+            h = blocks[k](h, train)
+        new = to_rgb[step - 1](blocks[step - 1](h, train))
+        if step == 1:
+            return new.astype(jnp.float32)
+        skip = upsample_nearest2(to_rgb[step - 2](h))
+        return mix(alpha, skip, new).astype(jnp.float32)
+
+
+class Discriminator(nn.Module):
+    """WGAN critic for 32/64/128 inputs; returns one score per image, shape (N,)."""
+
+    width: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = lambda n: channels(n, self.width)  # noqa: E731
+        dt = self.dtype
+        self.from_rgb_0 = Conv2d(c(256), 1, 0, dtype=dt)
+        self.from_rgb_1 = Conv2d(c(128), 1, 0, dtype=dt)
+        self.from_rgb_2 = Conv2d(c(64), 1, 0, dtype=dt)
+        self.step1_0 = ConvBlock(c(512), dtype=dt)
+        self.step2_0 = ConvBlock(c(256), dtype=dt)
+        self.step3_0 = ConvBlock(c(128), dtype=dt)
+        self.equal_conv = EqualConv2d(c(512), dtype=dt)
+        self.linear = Linear(c(2048), dtype=dt)
+        self.linear2 = Linear(1, dtype=dt)
+
+    def __call__(self, x, step: int = 3, alpha=1.0):
+        if step not in (1, 2, 3):
+            raise ValueError(f"step must be 1, 2 or 3, got {step}")
+        if self.is_initializing():  # from_rgb_0 is not on the step-3 path; create it too
+            self.from_rgb_0(jnp.zeros((1, 1, 1, 3), self.dtype))
+        from_rgb = (self.from_rgb_0, self.from_rgb_1, self.from_rgb_2)
+        blocks = (self.step1_0, self.step2_0, self.step3_0)
+        img = x.astype(self.dtype)
+        h = avg_pool2(blocks[step - 1](from_rgb[step - 1](img)))
+        if step > 1:
+            skip = from_rgb[step - 2](avg_pool2(img))
+            h = mix(alpha, skip, h)
+            for k in range(step - 2, -1, -1):
+                h = avg_pool2(blocks[k](h))
+        # Minibatch standard deviation of the *input image* (unbiased, as torch.std),
+        # averaged over channels and positions, as one extra constant channel.
+        xf = x.astype(jnp.float32)
+        std = jnp.mean(jnp.std(xf, axis=0, ddof=1))
+        n, hh, ww, _ = h.shape
+        h = jnp.concatenate([h, jnp.broadcast_to(std.astype(h.dtype), (n, hh, ww, 1))], axis=-1)
+        h = self.equal_conv(h)
+        h = jnp.mean(h, axis=(1, 2))  # avg_pool2d over the whole 16x16 map
+        h = self.linear2(self.linear(h))
+        return h[:, 0].astype(jnp.float32)
+
+
+def init_generator(key, width: float = 1.0, dtype=jnp.float32):
+    model = Generator(width=width, dtype=dtype)
+    variables = model.init(key, jnp.zeros((1, 16, 16, 3)), step=3, alpha=1.0, train=False)
+    return model, dict(variables)
+
+
+def init_discriminator(key, width: float = 1.0, dtype=jnp.float32):
+    model = Discriminator(width=width, dtype=dtype)
+    variables = model.init(key, jnp.zeros((2, 128, 128, 3)), step=3, alpha=1.0)
+    return model, dict(variables)
+
+
+def count_params(params) -> int:
+    import jax
+    return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,151 @@
+"""Model shapes, parameter counts, fade-in arithmetic and PyTorch parity."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from progsr_jax import convert, models
+from progsr_jax.layers import ConvTranspose2d
+
+
+@pytest.fixture(scope="module")
+def paper_models():
+    g, gv = models.init_generator(jax.random.PRNGKey(0))
+    d, dv = models.init_discriminator(jax.random.PRNGKey(1))
+    return g, gv, d, dv
+
+
+def test_parameter_counts_match_paper(paper_models):
+    _, gv, _, dv = paper_models
+    assert models.count_params(gv["params"]) == 8_969_097
+    assert models.count_params(dv["params"]) == 8_065_537
+    # 76 official G keys = 66 + 10 num_batches_tracked; 24 official D keys.
+    assert len(convert.variables_to_state_dict(gv, models.G_CONV_TRANSPOSE)) == 66
+    assert len(convert.variables_to_state_dict(dv)) == 24
+
+
+def test_width_multiplier_scales_channels():
+    _, gv = models.init_generator(jax.random.PRNGKey(0), width=0.25)
+    assert gv["params"]["step1_0"]["weight"].shape == (3, 3, 3, 128)
+    assert gv["params"]["to_rgb_2"]["weight"].shape == (1, 1, 16, 3)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_shapes_at_every_stage(step, alpha):
+    g, gv = models.init_generator(jax.random.PRNGKey(0), width=0.125)
+    d, dv = models.init_discriminator(jax.random.PRNGKey(1), width=0.125)
+    x = jnp.ones((2, 16, 16, 3))
+    out, upd = g.apply(gv, x, step=step, alpha=alpha, train=True, mutable=["batch_stats"])
+    assert out.shape == (2, 16 * 2 ** step, 16 * 2 ** step, 3)
+    assert set(upd) == {"batch_stats"}
+    score = d.apply(dv, out, step=step, alpha=alpha)
+    assert score.shape == (2,)
+
+
+def test_fade_in_arithmetic():
+    g, gv = models.init_generator(jax.random.PRNGKey(0), width=0.125)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3))
+    # alpha = 0 is the nearest-upsampled previous stage; alpha = 1 the new block alone.
+    prev = g.apply(gv, x, step=1, train=False)
+    at0 = g.apply(gv, x, step=2, alpha=0.0, train=False)
+    np.testing.assert_allclose(at0, jnp.repeat(jnp.repeat(prev, 2, 1), 2, 2), atol=1e-5)
+    new = g.apply(gv, x, step=2, alpha=1.0, train=False)
+    mid = g.apply(gv, x, step=2, alpha=0.25, train=False)
+    np.testing.assert_allclose(mid, 0.75 * at0 + 0.25 * new, atol=1e-5)
+    # Outside [0, 1) there is no fade (the official code's convention).
+    np.testing.assert_allclose(g.apply(gv, x, step=2, alpha=-1.0, train=False), new, atol=1e-6)
+
+
+def test_conv_transpose_subpixel_equals_dilated_formulation():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 4))
+    layer = ConvTranspose2d(3)
+    v = layer.init(jax.random.PRNGKey(1), x)
+    y = layer.apply(v, x)
+    w = v["params"]["weight"]  # (kh, kw, in, out), PyTorch's (in, out, kh, kw) rearranged
+    # Transposed conv = dilate the input by 2, pad by k-1-p = 2, correlate with the flipped kernel.
+    ref = jax.lax.conv_general_dilated(x, w[::-1, ::-1], (1, 1), ((2, 2), (2, 2)),
+                                       lhs_dilation=(2, 2),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = ref + v["params"]["bias"]
+    assert y.shape == (2, 10, 14, 3)
+    np.testing.assert_allclose(y, ref, atol=1e-5)
+
+
+torch = pytest.importorskip("torch", reason="PyTorch parity needs the torch extra")
+
+
+def _torch_to_flax(module, reference, conv_transpose=()):
+    sd = {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}  # no aliasing
+    return convert.state_dict_to_variables(sd, reference, conv_transpose)
+
+
+def _randomise_bn(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("step,alpha", [(1, 1.0), (2, 0.7), (2, 1.0), (3, 0.4), (3, 1.0)])
+def test_generator_matches_pytorch(step, alpha):
+    from progsr_jax import torch_reference as tr
+    torch.manual_seed(0)
+    tg = tr.Generator(width=0.25)
+    _randomise_bn(tg)
+    g, ref = models.init_generator(jax.random.PRNGKey(0), width=0.25)
+    variables = _torch_to_flax(tg, ref, models.G_CONV_TRANSPOSE)
+    x = np.random.default_rng(0).standard_normal((3, 16, 16, 3)).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    # Eval mode: running statistics.
+    tg.eval()
+    with torch.no_grad():
+        want = tg(xt, step, alpha).numpy().transpose(0, 2, 3, 1)
+    got = g.apply(variables, x, step=step, alpha=alpha, train=False)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # Train mode: batch statistics, and the running statistics updated like PyTorch's.
+    tg.train()
+    with torch.no_grad():
+        want = tg(xt, step, alpha).numpy().transpose(0, 2, 3, 1)
+    got, upd = g.apply(variables, x, step=step, alpha=alpha, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    new_stats = _torch_to_flax(tg, ref, models.G_CONV_TRANSPOSE)["batch_stats"]
+    for a, b in zip(jax.tree_util.tree_leaves(upd["batch_stats"]), jax.tree_util.tree_leaves(new_stats)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("step,alpha", [(1, 1.0), (2, 0.3), (3, 0.6), (3, 1.0)])
+def test_discriminator_matches_pytorch(step, alpha):
+    from progsr_jax import torch_reference as tr
+    torch.manual_seed(1)
+    td = tr.Discriminator(width=0.25)
+    d, ref = models.init_discriminator(jax.random.PRNGKey(0), width=0.25)
+    variables = _torch_to_flax(td, ref)
+    res = 16 * 2 ** step
+    x = np.random.default_rng(1).standard_normal((4, res, res, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = td(torch.from_numpy(x.transpose(0, 3, 1, 2)), step, alpha).numpy()
+    got = d.apply(variables, x, step=step, alpha=alpha)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_state_dict_round_trip_and_refusal(paper_models):
+    g, gv, _, _ = paper_models
+    sd = convert.variables_to_state_dict(gv, models.G_CONV_TRANSPOSE)
+    assert sd["step1.4.weight"].shape == (512, 256, 4, 4)  # PyTorch ConvTranspose2d layout
+    assert sd["step1.0.weight"].shape == (512, 3, 3, 3)
+    back = convert.state_dict_to_variables({"module." + k: v for k, v in sd.items()}, gv,
+                                           models.G_CONV_TRANSPOSE)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(gv)):
+        np.testing.assert_array_equal(a, b)
+    del sd["step2.0.conv.1.running_var"]
+    from progsr_jax.errors import UserError
+    with pytest.raises(UserError, match=r"step2\.0\.conv\.1\.running_var"):
+        convert.state_dict_to_variables(sd, gv, models.G_CONV_TRANSPOSE)
