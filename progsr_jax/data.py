@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -87,7 +88,7 @@ _CELEBA_PARTITION_FILES = (
     os.path.join("Eval", "list_eval_partition.csv"),
 )
 
-# Files in a folder whose first-N list in the skip summary is printed in full.
+# How many skipped files the summary line names (the rest are only counted).
 _SUMMARY_NAMES = 10
 # Below this many files, decoding runs in-process even if num_workers > 0:
 # starting worker processes would cost more than it saves.
@@ -480,14 +481,18 @@ class Dataset:
 
 
 def _cfg(cfg: Any, name: str, default: Any) -> Any:
-    """Reads a config field from a ConfigDict, dict or plain object."""
+    """Reads a config field from a ConfigDict, dict or plain object.
+
+    A missing field, or one set to None, gives ``default``.
+    """
     if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    try:
-        value = getattr(cfg, name)
-    except (AttributeError, KeyError):
-        return default
-    return value
+        value = cfg.get(name, None)
+    else:
+        try:
+            value = getattr(cfg, name)
+        except (AttributeError, KeyError):
+            value = None
+    return default if value is None else value
 
 
 def _decode_one(path: str, min_size: int, max_pixels: int, crop: str
@@ -606,11 +611,19 @@ class _Writer:
             return Dataset(files=files, images=images, landmarks=lm, skipped=skipped)
         assert self.entry is not None
         for r in RESOLUTIONS:
+            raw_path = os.path.join(self.tmp, f"raw{r}.npy")
+            final_path = os.path.join(self.tmp, f"images{r}.npy")
             raw = self.images[r]
-            self._compact(raw, os.path.join(self.tmp, f"images{r}.npy"))
+            if self.good.all():  # nothing to drop: the raw file is the result
+                raw.flush()
+            else:
+                self._compact(raw, final_path)
             del raw
             self.images[r] = None  # type: ignore[assignment]  # close the memmap
-            os.remove(os.path.join(self.tmp, f"raw{r}.npy"))
+            if self.good.all():
+                os.replace(raw_path, final_path)
+            else:
+                os.remove(raw_path)
         if self.landmarks is not None:
             np.save(os.path.join(self.tmp, "landmarks.npy"), self._compact(self.landmarks, None))
         meta = {"version": PREPROCESS_VERSION, "files": files, "skipped": skipped,
@@ -667,71 +680,132 @@ def _skip_summary(skipped: Sequence[tuple[str, str]], total: int) -> str:
     return f"skipped {len(skipped)} of {total} files: {shown}"
 
 
-def _decode_files(paths: list[str], writer: _Writer, *, num_workers: int, min_size: int,
-                  crop: str, progress: bool) -> list[tuple[str, str]]:
-    """Decodes ``paths`` into ``writer``; returns the (file, reason) of bad ones."""
+def _noop() -> None:
+    return None
+
+
+def _start_pool(num_workers: int, log: Callable[[str], Any]):
+    """A started process pool for decoding, or None (decode in-process) if it fails.
+
+    Workers use the "spawn" start method: the parent may already run JAX's
+    threads, which ``fork`` must not copy.  Spawned workers re-import the main
+    module, so a script that calls :func:`build_dataset` with ``num_workers >
+    0`` should have the usual ``if __name__ == "__main__":`` guard
+    (``python -m`` entry points have it).  Without it, or when the main module
+    cannot be re-imported (code piped through stdin), the workers die at
+    start-up; ``concurrent.futures`` reports that (``multiprocessing.Pool``
+    would replace them forever) and decoding falls back to in-process with a
+    logged hint.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    if getattr(mp.current_process(), "_inheriting", False):
+        # We are a worker re-importing an unguarded main script: stop here so
+        # that the parent notices, instead of running the script in the worker.
+        raise RuntimeError("build_dataset called while a worker process starts")
+    pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context("spawn"))
+    try:
+        pool.submit(_noop).result()  # starts the workers now, before any cache file
+    except (BrokenProcessPool, OSError) as e:
+        pool.shutdown(wait=False, cancel_futures=True)
+        log(f"data: decoding worker processes failed to start ({e}); decoding in-process. "
+            "A script that builds the dataset with num_workers > 0 should guard its main "
+            "code with 'if __name__ == \"__main__\":' (or set num_workers=0)")
+        return None
+    return pool
+
+
+def _decode_files(paths: list[str], writer: _Writer, *, pool: Any, num_workers: int,
+                  min_size: int, crop: str, progress: bool) -> list[tuple[str, str]]:
+    """Decodes ``paths`` into ``writer`` (in ``pool`` if given, else in-process).
+
+    Returns the ``(file, reason)`` of the files that could not be used.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
 
-    work = functools.partial(_decode_one_path, min_size=min_size,
+    work = functools.partial(_decode_one, min_size=min_size,
                              max_pixels=MAX_IMAGE_PIXELS, crop=crop)
     bad: list[tuple[str, str]] = []
     bar = tqdm(total=len(paths), desc="decoding images", unit="img",
                disable=not progress, file=sys.stderr, smoothing=0.05)
     try:
-        if num_workers > 0 and len(paths) >= _MIN_FILES_FOR_POOL:
-            import multiprocessing as mp
-
-            # "spawn": the parent may hold JAX's threads, which fork() must not copy.
-            ctx = mp.get_context("spawn")
-            workers = min(num_workers, len(paths))
-            chunk = max(1, min(64, len(paths) // (workers * 8)))
-            with ctx.Pool(workers) as pool:
-                for i, (status, value) in enumerate(pool.imap(work, paths, chunksize=chunk)):
-                    _store(writer, bad, i, paths[i], status, value)
-                    bar.update(1)
+        if pool is not None:
+            chunk = max(1, min(64, len(paths) // (num_workers * 8)))
+            results = pool.map(work, paths, chunksize=chunk)
         else:
-            for i, p in enumerate(paths):
-                status, value = work(p)
-                _store(writer, bad, i, p, status, value)
-                bar.update(1)
+            results = map(work, paths)
+        for i, (status, value) in enumerate(results):
+            if status == "ok":
+                writer.put(i, value)
+            else:
+                bad.append((paths[i], value))
+            bar.update(1)
+    except BrokenProcessPool:
+        raise UserError("a decoding worker process died (out of memory?); rerun, or use "
+                        "fewer workers (num_workers=0 decodes in-process)") from None
     finally:
         bar.close()
     return bad
 
 
-def _decode_one_path(path: str, *, min_size: int, max_pixels: int, crop: str):
-    return _decode_one(path, min_size, max_pixels, crop)
+_TFDS_SPLITS = {"train": ("train",), "val": ("validation",), "valid": ("validation",),
+                "validation": ("validation",), "test": ("test",),
+                "all": ("train", "validation", "test")}
 
 
-def _store(writer: _Writer, bad: list, i: int, path: str, status: str, value: Any):
-    if status == "ok":
-        writer.put(i, value)
-    else:
-        bad.append((path, value))
+def _open_tfds(root: str | None, split: str, max_images: int | None):
+    """Opens tfds' ``celeb_a``: (number of examples, iterator of uint8 images).
 
-
-def _tfds_examples(root: str | None, split: str, max_images: int | None):
-    """Yields uint8 (218, 178, 3) images of tfds' ``celeb_a`` split."""
+    Images are the aligned 218x178 (HxW) CelebA JPEGs, decoded by tfds.
+    """
     try:
-        import tensorflow_datasets as tfds  # noqa: F401 - optional dependency
+        import tensorflow_datasets as tfds  # optional dependency
     except ImportError:
         raise UserError("source='tfds' needs tensorflow-datasets: "
                         "pip install 'progsr_jax[tfds]'") from None
-    names = {"train": "train", "val": "validation", "valid": "validation",
-             "validation": "validation", "test": "test", "all": "train+validation+test"}
-    if split not in names:
-        raise UserError(f"unknown tfds split {split!r}; expected one of {', '.join(names)}")
-    tfds_split = names[split]
-    if max_images is not None:
-        tfds_split = f"{tfds_split}[:{max_images}]" if "+" not in tfds_split else tfds_split
+    if split not in _TFDS_SPLITS:
+        raise UserError(f"unknown tfds split {split!r}; expected one of {', '.join(_TFDS_SPLITS)}")
+    parts = _TFDS_SPLITS[split]
     try:
-        ds = tfds.load("celeb_a", split=tfds_split, data_dir=root, shuffle_files=False)
-    except Exception as e:  # noqa: BLE001 - tfds download/prepare failures
-        raise UserError(f"tfds could not load celeb_a/{tfds_split}: {e}") from None
-    for i, ex in enumerate(tfds.as_numpy(ds)):
-        if max_images is not None and i >= max_images:
-            break
-        yield i, ex["image"]
+        builder = tfds.builder("celeb_a", data_dir=root)
+        builder.download_and_prepare()
+        total = sum(builder.info.splits[p].num_examples for p in parts)
+        ds = builder.as_dataset(split="+".join(parts), shuffle_files=False)
+    except Exception as e:  # noqa: BLE001 - tfds download/prepare failures are user-facing
+        raise UserError(f"tfds could not prepare celeb_a ({split}): {e}") from None
+    if max_images is not None:
+        total = min(total, max_images)
+        ds = ds.take(max_images)
+    return total, (ex["image"] for ex in tfds.as_numpy(ds))
+
+
+def _build_tfds(root: str | None, split: str, max_images: int | None, entry: str | None,
+                progress: bool) -> Dataset:
+    from tqdm import tqdm
+
+    total, images = _open_tfds(root, split, max_images)
+    if total == 0:
+        raise UserError(f"tfds celeb_a split {split!r} is empty")
+    writer = _Writer(entry, total, with_landmarks=False)
+    try:
+        count = 0
+        for i, image in enumerate(tqdm(images, total=total, desc="tfds celeb_a", unit="img",
+                                       disable=not progress, file=sys.stderr)):
+            if i >= total:
+                break
+            arrays = preprocess(Image.fromarray(np.asarray(image, np.uint8)), crop="celeba")
+            writer.put(i, [arrays[r] for r in RESOLUTIONS])
+            count += 1
+        if count == 0:
+            raise UserError(f"tfds celeb_a split {split!r} gave no images")
+        files = [f"celeb_a/{split}/{i:06d}" for i in range(count)]
+        return writer.commit(files, [])
+    finally:
+        writer.abort()
 
 
 def build_dataset(cfg: Any, *, progress: bool = True,
@@ -746,11 +820,13 @@ def build_dataset(cfg: Any, *, progress: bool = True,
       ``data_dir`` (None = tfds' default).
     * ``split`` ('train'): see :func:`list_files`; tfds: train / val / test / all.
     * ``cache_dir`` (None -> ``~/.cache/progsr_jax``; ``''`` disables caching).
-    * ``num_workers`` (``os.cpu_count()``): decoding processes; 0 = in-process.
+    * ``num_workers`` (None or -1: ``os.cpu_count()``): decoding processes;
+      0 decodes in-process (also used for fewer than 64 files).
     * ``strict`` (False): any skipped file raises a UserError naming it.
     * ``min_size`` (32): smallest usable image side.
     * ``max_images`` (None): use only the first N files of the split.
-    * ``num_synthetic`` (2048) and ``seed`` (0): the synthetic dataset.
+    * ``num_synthetic`` (2048) and ``seed`` (0): the synthetic dataset (the
+      split is ignored there: use another seed for held-out synthetic faces).
     * ``crop`` (extension): 'celeba' | 'square' | 'none'; default 'celeba' for
       celeba/tfds, 'square' for folder (synthetic is always 'none').
 
@@ -769,8 +845,9 @@ def build_dataset(cfg: Any, *, progress: bool = True,
     root = _cfg(cfg, "root", None)
     split = str(_cfg(cfg, "split", "train") or "train")
     cache_dir = _cfg(cfg, "cache_dir", None)
-    num_workers = _cfg(cfg, "num_workers", None)
-    num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
+    num_workers = int(_cfg(cfg, "num_workers", -1))
+    if num_workers == -1:
+        num_workers = os.cpu_count() or 1
     strict = bool(_cfg(cfg, "strict", False))
     min_size = int(_cfg(cfg, "min_size", 32))
     max_images = _cfg(cfg, "max_images", None)
@@ -782,7 +859,7 @@ def build_dataset(cfg: Any, *, progress: bool = True,
     if crop not in CROPS:
         raise UserError(f"unknown crop {crop!r}; expected one of {', '.join(CROPS)}")
     if num_workers < 0:
-        raise UserError(f"num_workers must be >= 0, got {num_workers}")
+        raise UserError(f"num_workers must be >= 0 (or -1: one per CPU core), got {num_workers}")
     if min_size < 1:
         raise UserError(f"min_size must be >= 1, got {min_size}")
     if max_images is not None:
@@ -808,7 +885,7 @@ def build_dataset(cfg: Any, *, progress: bool = True,
         if not paths:
             raise UserError(f"the first {max_images} files of split {split!r} are all "
                             "missing on disk")
-        key_parts.update(root=os.path.abspath(str(root)), min_size=min_size,
+        key_parts.update(root=os.path.abspath(os.path.expanduser(str(root))), min_size=min_size,
                          max_pixels=MAX_IMAGE_PIXELS,
                          files=_file_signature(paths), missing=sorted(missing))
     elif source == "synthetic":
@@ -817,9 +894,10 @@ def build_dataset(cfg: Any, *, progress: bool = True,
         key_parts.update(root=os.path.abspath(root) if root else None, max_images=max_images)
 
     entry: str | None = None
-    if cache_dir != "":
+    if cache_dir not in ("", False):
         cache_dir = os.path.abspath(os.path.expanduser(str(cache_dir or _default_cache_dir())))
-        entry = os.path.join(cache_dir, f"{source}-{split}-{_cache_key(key_parts)}")
+        label = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{source}-{split}")
+        entry = os.path.join(cache_dir, f"{label}-{_cache_key(key_parts)}")
         ds = _load_cache(entry)
         if ds is not None:
             log(f"data: {len(ds)} {source}/{split} images from cache {entry}")
@@ -838,10 +916,15 @@ def build_dataset(cfg: Any, *, progress: bool = True,
     elif source == "tfds":
         ds = _build_tfds(root, split, max_images, entry, progress)
     else:
-        writer = _Writer(entry, len(paths), with_landmarks=False)
+        # Start the workers before creating any cache file (see _start_pool).
+        use_pool = num_workers > 0 and len(paths) >= _MIN_FILES_FOR_POOL
+        num_workers = min(num_workers, len(paths))
+        pool = _start_pool(num_workers, log) if use_pool else None
+        writer = None
         try:
-            bad = _decode_files(paths, writer, num_workers=num_workers, min_size=min_size,
-                                crop=crop, progress=progress)
+            writer = _Writer(entry, len(paths), with_landmarks=False)
+            bad = _decode_files(paths, writer, pool=pool, num_workers=num_workers,
+                                min_size=min_size, crop=crop, progress=progress)
             bad_set = {p for p, _ in bad}
             files = [p for p in paths if p not in bad_set]
             skipped = [(p, "listed in the partition file but not found on disk")
@@ -851,7 +934,10 @@ def build_dataset(cfg: Any, *, progress: bool = True,
                                 + " -- no usable images left")
             ds = writer.commit(files, skipped)
         finally:
-            writer.abort()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if writer is not None:
+                writer.abort()
     where = f"cached in {entry}" if entry else "in memory"
     log(f"data: {len(ds)} {source}/{split} images, {where}")
     _report_skipped(ds, len(ds) + len(ds.skipped), strict, log)
@@ -880,32 +966,6 @@ def _build_synthetic(n: int, seed: int, entry: str | None, progress: bool) -> Da
             arrays = preprocess(Image.fromarray(face), crop="none")
             writer.put(i, [arrays[r] for r in RESOLUTIONS], lm)
         files = [f"synthetic/{seed}/{i:06d}" for i in range(n)]
-        return writer.commit(files, [])
-    finally:
-        writer.abort()
-
-
-def _build_tfds(root: str | None, split: str, max_images: int | None, entry: str | None,
-                progress: bool) -> Dataset:
-    from tqdm import tqdm
-
-    # The split size is not known before iterating: collect in memory first.
-    # TODO(data): stream into a growing memmap for the full 162k-image split.
-    files: list[str] = []
-    rows: dict[int, list[np.ndarray]] = {r: [] for r in RESOLUTIONS}
-    for i, image in tqdm(_tfds_examples(root, split, max_images), desc="tfds celeb_a",
-                         unit="img", disable=not progress, file=sys.stderr):
-        arrays = preprocess(Image.fromarray(np.asarray(image, np.uint8)), crop="celeba")
-        for r in RESOLUTIONS:
-            rows[r].append(arrays[r])
-        files.append(f"celeb_a/{split}/{i:06d}")
-    if not files:
-        raise UserError(f"tfds celeb_a split {split!r} is empty")
-    writer = _Writer(entry, len(files), with_landmarks=False)
-    try:
-        for r in RESOLUTIONS:
-            writer.images[r][:] = np.stack(rows[r])
-        writer.good[:] = True
         return writer.commit(files, [])
     finally:
         writer.abort()

@@ -4,7 +4,7 @@ Usage::
 
     python -m progsr_jax.evaluate_landmarks --fan=DIR --data_root=ROOT \
         [--reference_fan=DIR] [--size=64|128] [--crop=landmarks|square|celeba] \
-        [--crop_scale=1.8] [--limit=N] [--output=DIR]
+        [--crop_scale=1.9] [--crop_shift=0.17] [--limit=N] [--output=DIR]
 
 ``--fan``/``--reference_fan`` are converted FAN folders
 (:func:`progsr_jax.landmarks.load`).  ``--data_root`` is a folder of images
@@ -14,7 +14,9 @@ coordinates), e.g. ``shared/data/faces68`` or one of its ``afw``,
 
 Each image is cropped to a square (``--crop=landmarks``, the default: side =
 ``--crop_scale`` x the larger side of the ground-truth landmarks' bounding
-box, centred on it, black outside the photo; ``square``: the image's center
+box, centred ``--crop_shift`` x side above the box centre - the framing of
+the CelebA crops, see :data:`progsr_jax.evaluate.DEFAULT_CROP_SCALE` -, black
+outside the photo; ``square``: the image's center
 square; ``celeba``: the 178x178 center crop), resized to 128 with PIL
 bilinear and, for ``--size=64``, on to 64 (the same chain as the training
 targets, so the FAN sees what it sees in training).  Ground-truth points are
@@ -46,7 +48,7 @@ from absl import flags
 from PIL import Image
 
 from progsr_jax.errors import UserError, run_cli
-from progsr_jax.evaluate import (DEFAULT_CROP_SCALE, _check_output, _rel, crop_square,
+from progsr_jax.evaluate import (DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT, _check_output, _rel, crop_square,
                                  iter_loaded, landmark_box, parse_flags, read_landmarks)
 
 SIZES = (64, 128)
@@ -63,6 +65,8 @@ def _define_flags(fv: flags.FlagValues):
     flags.DEFINE_enum("crop", "landmarks", CROPS, "how each face is cropped", flag_values=fv)
     flags.DEFINE_float("crop_scale", DEFAULT_CROP_SCALE, "landmark crop side / larger side "
                        "of the landmarks' bounding box", flag_values=fv)
+    flags.DEFINE_float("crop_shift", DEFAULT_CROP_SHIFT, "landmark crop: the crop centre is "
+                       "crop_shift * side above the landmarks' box centre", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "images per network call", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("limit", None, "use only the first N images", lower_bound=1,
@@ -74,12 +78,13 @@ def _define_flags(fv: flags.FlagValues):
 
 
 def crop_box(w: int, h: int, crop: str, pts: np.ndarray | None,
-             crop_scale: float = DEFAULT_CROP_SCALE) -> tuple[int, int, int]:
+             crop_scale: float = DEFAULT_CROP_SCALE,
+             crop_shift: float = DEFAULT_CROP_SHIFT) -> tuple[int, int, int]:
     """(left, top, side) of the square crop of a w x h image."""
     if crop == "landmarks":
         if pts is None:
             raise ValueError("--crop=landmarks needs a .pts file")
-        return landmark_box(pts, crop_scale)
+        return landmark_box(pts, crop_scale, crop_shift)
     if crop == "square":
         side = min(w, h)
     elif crop == "celeba":
@@ -101,8 +106,10 @@ def map_points(pts: np.ndarray, left: int, top: int, side: int, size: int) -> np
 
 
 class _Loader:
-    def __init__(self, crop: str, crop_scale: float, size: int, need_gt: bool):
-        self.crop, self.crop_scale, self.size, self.need_gt = crop, crop_scale, size, need_gt
+    def __init__(self, crop: str, crop_scale: float, crop_shift: float, size: int,
+                 need_gt: bool):
+        self.crop, self.crop_scale, self.crop_shift = crop, crop_scale, crop_shift
+        self.size, self.need_gt = size, need_gt
 
     def __call__(self, path: str):
         from progsr_jax import data
@@ -115,7 +122,7 @@ class _Loader:
                 raise
             pts = None
         w, h = img.size
-        left, top, side = crop_box(w, h, self.crop, pts, self.crop_scale)
+        left, top, side = crop_box(w, h, self.crop, pts, self.crop_scale, self.crop_shift)
         arrays = data.preprocess(crop_square(img, left, top, side), crop="none")
         gt = None if pts is None else map_points(pts, left, top, side, self.size)
         return arrays[self.size], gt
@@ -150,7 +157,8 @@ def _stats(values: Sequence[float]) -> dict:
 
 def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None = None,
                        size: int = 64, crop: str = "landmarks",
-                       crop_scale: float = DEFAULT_CROP_SCALE, batch_size: int = 32,
+                       crop_scale: float = DEFAULT_CROP_SCALE,
+                       crop_shift: float = DEFAULT_CROP_SHIFT, batch_size: int = 32,
                        limit: int | None = None, output: str | None = None, workers: int = 2,
                        progress: bool = True, log=print) -> dict:
     from tqdm import tqdm
@@ -174,7 +182,7 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
         files = files[:limit]
     fan = landmarks.load(fan_dir)
     ref = landmarks.load(reference_fan) if reference_fan else None
-    loader = _Loader(crop, crop_scale, size, need_gt=ref is None)
+    loader = _Loader(crop, crop_scale, crop_shift, size, need_gt=ref is None)
 
     rows: list[dict] = []
     skipped: list[tuple[str, str]] = []
@@ -217,6 +225,7 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
         "reference_fan": os.path.abspath(reference_fan) if reference_fan else None,
         "data_root": root, "size": size, "crop": crop,
         "crop_scale": crop_scale if crop == "landmarks" else None,
+        "crop_shift": crop_shift if crop == "landmarks" else None,
         "num_images": len(rows),
         "skipped": {_rel(p, root): r for p, r in skipped},
     }
@@ -254,7 +263,7 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
 def main(argv: Sequence[str] | None = None) -> int:
     fv = parse_flags(_define_flags, sys.argv if argv is None else argv, __doc__)
     evaluate_landmarks(fv.fan, fv.data_root, fv.reference_fan, size=int(fv.size), crop=fv.crop,
-                       crop_scale=fv.crop_scale, batch_size=fv.batch_size, limit=fv.limit,
+                       crop_scale=fv.crop_scale, crop_shift=fv.crop_shift, batch_size=fv.batch_size, limit=fv.limit,
                        output=fv.output, workers=fv.workers, progress=fv.progress)
     return 0
 

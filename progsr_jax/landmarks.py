@@ -40,6 +40,9 @@ NUM_LANDMARKS = 68
 
 def _read_meta(directory: str) -> dict:
     meta_path = os.path.join(directory, META_FILE)
+    if os.path.isfile(directory):
+        raise UserError(f"{directory} is a file, not a converted FAN folder; convert it first: "
+                        "python tools/convert_fan_weights.py distilled --input FILE --output DIR")
     if not os.path.isdir(directory):
         raise UserError(f"no converted FAN at {directory}: the folder does not exist "
                         "(create it with: python tools/convert_fan_weights.py distilled "

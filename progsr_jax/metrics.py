@@ -274,15 +274,18 @@ def pfsr_evaluate(sr, hr, batch_size: int = 16) -> dict:
     hr = np.asarray(hr, np.float32)
     if sr.shape != hr.shape or sr.ndim != 4:
         raise ValueError(f"need two NHWC arrays of one shape, got {sr.shape} and {hr.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Every batch is zero-padded to a multiple of 16 and masked, so that all
+    # batch sizes up to 16 share one compiled function.
+    padded = 16 * math.ceil(batch_size / 16)
     acc = PfsrAccumulator()
     for i in range(0, sr.shape[0], batch_size):
         a, b = sr[i:i + batch_size], hr[i:i + batch_size]
         k = a.shape[0]
-        mask = np.arange(batch_size) < k
-        if k < batch_size:  # pad to one compiled shape; the mask drops the padding
-            pad = ((0, batch_size - k), (0, 0), (0, 0), (0, 0))
-            a, b = np.pad(a, pad), np.pad(b, pad)
-        acc.add(*_pfsr_batch_jit(a, b, mask))
+        mask = np.arange(padded) < k
+        pad = ((0, padded - k), (0, 0), (0, 0), (0, 0))
+        acc.add(*_pfsr_batch_jit(np.pad(a, pad), np.pad(b, pad), mask))
     return acc.result()
 
 

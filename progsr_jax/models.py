@@ -31,6 +31,17 @@ def channels(c: int, width: float) -> int:
     return max(1, int(round(c * width)))
 
 
+def safe_sqrt(x):
+    """sqrt with a zero (not NaN) gradient at 0; the forward value is exact.
+
+    The minibatch-std channel is sqrt(var) over the batch, whose gradient is
+    0/0 where every image of the batch has the same value (e.g. saturated or
+    constant outputs early in training); PyTorch's ``std`` returns NaN there.
+    """
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
 def fading(alpha) -> jnp.ndarray:
     """True where the official code fades (0 <= alpha < 1)."""
     return (alpha >= 0) & (alpha < 1)
@@ -158,8 +169,7 @@ class Discriminator(nn.Module):
                 h = avg_pool2(blocks[k](h))
         # Minibatch standard deviation of the *input image* (unbiased, as torch.std),
         # averaged over channels and positions, as one extra constant channel.
-        xf = x.astype(jnp.float32)
-        std = jnp.mean(jnp.std(xf, axis=0, ddof=1))
+        std = jnp.mean(safe_sqrt(jnp.var(x.astype(jnp.float32), axis=0, ddof=1)))
         n, hh, ww, _ = h.shape
         h = jnp.concatenate([h, jnp.broadcast_to(std.astype(h.dtype), (n, hh, ww, 1))], axis=-1)
         h = self.equal_conv(h)

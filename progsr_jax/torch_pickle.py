@@ -45,7 +45,7 @@ __all__ = ["load_torch_file", "load_torch_object", "extract_state_dict", "Module
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-_MAX_LEGACY_HEADER = 1 << 20
+_MAX_TENSOR_ELEMENTS = 1 << 31
 
 # ---------------------------------------------------------------------------
 # Storages and tensors
@@ -149,6 +149,8 @@ def _materialise(t: _LazyTensor, storages: Mapping[str, np.ndarray], what: str) 
     numel = int(np.prod(t.size, dtype=np.int64)) if t.size else 1
     if numel == 0:
         return np.zeros(t.size, dtype=data.dtype)
+    if numel > _MAX_TENSOR_ELEMENTS:
+        raise UserError(f"{what}: a tensor of shape {t.size} is implausibly large")
     last = base + sum((s - 1) * st for s, st in zip(t.size, t.stride))
     lo = base + sum((s - 1) * st for s, st in zip(t.size, t.stride) if st < 0)
     if lo < 0 or last >= data.size or base >= data.size:

@@ -119,6 +119,15 @@ def test_kaggle_layout(celeba_root, tmp_path):
         ds.images[64][0], data.preprocess(data.open_image(src / names[0]))[64])
 
 
+def test_folder_source_on_faces68(faces68_root):
+    files = data.list_files("folder", faces68_root, "all")
+    assert len(files) == 337 + 870 + 10  # afw, helen_train, ffhq; .pts files ignored
+    assert files == sorted(files, key=lambda p: os.path.relpath(p, faces68_root))
+    img = data.open_image(files[0])
+    out = data.preprocess(img, "square")
+    assert out[128].shape == (128, 128, 3)
+
+
 # ---------------------------------------------------------------- bad files
 
 
@@ -244,6 +253,8 @@ def test_misuse_gives_clear_user_errors(tmp_path):
         data.list_files("folder", tmp_path, "val")
     with pytest.raises(UserError, match="unknown data source"):
         data.build_dataset(cfg(source="imagenet"), progress=False)
+    with pytest.raises(UserError, match="num_workers"):
+        data.build_dataset(cfg(root=str(tmp_path), num_workers=-2), progress=False)
     with pytest.raises(UserError, match="max_images"):
         data.build_dataset(cfg(root=str(tmp_path), max_images=0), progress=False)
 
@@ -385,3 +396,78 @@ def test_build_synthetic(tmp_path):
         ds.images[16][2], data.preprocess(Image.fromarray(faces[2]), "none")[16])
     again = data.build_dataset(c, progress=False, log=lambda s: None)
     np.testing.assert_array_equal(again.landmarks, ds.landmarks)
+
+
+# ---------------------------------------------------------------- tfds source
+
+
+class _FakeTfds:
+    """Just enough of tensorflow_datasets for build_dataset(source='tfds')."""
+
+    def __init__(self, n: int):
+        self.n = n
+        rng = np.random.default_rng(0)
+        self.images = [rng.integers(0, 256, (218, 178, 3), dtype=np.uint8) for _ in range(n)]
+        self.requested = []
+
+    def builder(self, name, data_dir=None):
+        assert name == "celeb_a"
+        fake = self
+
+        class Split:
+            num_examples = fake.n
+
+        class Info:
+            splits = {"train": Split(), "validation": Split(), "test": Split()}
+
+        class Builder:
+            info = Info()
+
+            def download_and_prepare(self):
+                pass
+
+            def as_dataset(self, split, shuffle_files):
+                fake.requested.append(split)
+                return _FakeTfDataset(fake.images)
+
+        return Builder()
+
+    @staticmethod
+    def as_numpy(ds):
+        return ({"image": im} for im in ds.images)
+
+
+class _FakeTfDataset:
+    def __init__(self, images):
+        self.images = images
+
+    def take(self, k):
+        return _FakeTfDataset(self.images[:k])
+
+
+def test_tfds_source_with_a_fake_module(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+    with pytest.raises(UserError, match=r"pip install 'progsr_jax\[tfds\]'"):
+        data.build_dataset(cfg(source="tfds", split="val"), progress=False)
+    fake = _FakeTfds(5)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    ds = data.build_dataset(cfg(source="tfds", split="val", max_images=3,
+                                cache_dir=str(tmp_path)), progress=False, log=lambda s: None)
+    assert fake.requested == ["validation"] and len(ds) == 3
+    np.testing.assert_array_equal(
+        ds.images[32][1], data.preprocess(Image.fromarray(fake.images[1]), "celeba")[32])
+
+
+# ---------------------------------------------------------------- worker pool
+
+
+def test_worker_pool_gives_the_same_arrays(celeba_root, tmp_path):
+    c = cfg(source="celeba", root=str(celeba_root), split="val", max_images=64)
+    serial = data.build_dataset(c, progress=False, log=lambda s: None)
+    pooled = data.build_dataset(dict(c, num_workers=2, cache_dir=str(tmp_path)),
+                                progress=False, log=lambda s: None)
+    assert pooled.files == serial.files and len(pooled) == 64
+    for r in data.RESOLUTIONS:
+        np.testing.assert_array_equal(pooled.images[r], serial.images[r])

@@ -80,15 +80,14 @@ def read_state_dict(path: str) -> dict:
 def convert_distilled(input_path: str, output_dir: str, width: float = 1.0) -> dict:
     sd = read_state_dict(input_path)  # before importing jax: refuse bad files fast
 
-    import jax
     import orbax.checkpoint as ocp
 
     from progsr_jax.convert import state_dict_to_variables
-    from progsr_jax.fan import StudentFAN, count_params, init_variables
+    from progsr_jax.fan import StudentFAN, abstract_variables, count_params
     from progsr_jax.landmarks import META_FILE, VARIABLES_DIR
 
     module = StudentFAN(width=width)
-    reference = jax.tree_util.tree_map(np.asarray, init_variables(module, size=16))
+    reference = abstract_variables(module)  # shapes only (random init is slow on CPU)
     variables = state_dict_to_variables(sd, reference, what=input_path)
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
@@ -179,7 +178,7 @@ def teacher_heatmaps(*, teacher: str, weights: str, data_root: str, split: str, 
                      source: str = "celeba", crop: str | None = None, limit: int | None = None,
                      batch_size: int = 64, chunk_size: int = 1024, dtype: str = "float16",
                      workers: int = 4, device: str | None = None, overwrite: bool = False,
-                     progress: bool = True) -> dict:
+                     allow_tf32: bool = False, progress: bool = True) -> dict:
     """Writes teacher heatmaps for a split into ``output`` (resuming); returns a summary."""
     from progsr_jax import data
 
@@ -224,10 +223,17 @@ def teacher_heatmaps(*, teacher: str, weights: str, data_root: str, split: str, 
         if diff:
             raise UserError(f"{output} already holds heatmaps of a different run (differs in "
                             f"{', '.join(diff)}); use another --output or pass --overwrite")
-        prog = teacher_io.read_json(progress_path) if os.path.isfile(progress_path) \
-            else {"done": [], "bad": {}}
-        hm = np.load(hm_path, mmap_mode="r+")
-        scale = np.load(scale_path, mmap_mode="r+") if dtype == "uint8" else None
+        try:
+            prog = teacher_io.read_json(progress_path) if os.path.isfile(progress_path) \
+                else {"done": [], "bad": {}}
+            hm = np.load(hm_path, mmap_mode="r+")
+            scale = np.load(scale_path, mmap_mode="r+") if dtype == "uint8" else None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{output} holds a damaged earlier run ({e}); pass --overwrite "
+                            "to start again") from None
+        if hm.shape != (n,) + teacher_io.HEATMAP_SHAPE:
+            raise UserError(f"{output}: {teacher_io.HEATMAPS_FILE} has shape {hm.shape}; "
+                            "pass --overwrite to start again")
     else:
         prog = {"done": [], "bad": {}}
         for p in (progress_path, meta_path):
@@ -253,6 +259,9 @@ def teacher_heatmaps(*, teacher: str, weights: str, data_root: str, split: str, 
         return summary
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not allow_tf32:  # full float32 convolutions on Ampere+ GPUs (TF32 is cuDNN's default)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     _, run = build_teacher(teacher, weights, dev)
     bar = None
     if progress:
@@ -260,10 +269,18 @@ def teacher_heatmaps(*, teacher: str, weights: str, data_root: str, split: str, 
         bar = tqdm(total=sum(min(chunk_size, n - c * chunk_size) for c in todo), unit="img",
                    desc=f"{teacher} heatmaps", file=sys.stderr)
     pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+
+    def submit(c):  # decoding of chunk c starts now, in the background
+        lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+        return pool.map(lambda p: _load_64(p, crop), paths[lo:hi])
+
     try:
-        for c in todo:
+        pending = submit(todo[0])
+        for k, c in enumerate(todo):
             lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
-            loaded = list(pool.map(lambda p: _load_64(p, crop), paths[lo:hi]))
+            loaded = list(pending)
+            if k + 1 < len(todo):
+                pending = submit(todo[k + 1])  # overlaps with this chunk's forward passes
             for b0 in range(lo, hi, batch_size):
                 b1 = min(hi, b0 + batch_size)
                 imgs = np.zeros((b1 - b0, 64, 64, 3), np.float32)
@@ -296,7 +313,7 @@ def teacher_heatmaps(*, teacher: str, weights: str, data_root: str, split: str, 
             summary["computed_chunks"] += 1
             summary["computed_images"] += hi - lo
     finally:
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     summary["bad"] = dict(prog["bad"])
@@ -308,7 +325,8 @@ def _cmd_teacher(args) -> int:
                          split=args.split, output=args.output, source=args.source, crop=args.crop,
                          limit=args.limit, batch_size=args.batch_size, chunk_size=args.chunk_size,
                          dtype=args.dtype, workers=args.workers, device=args.device,
-                         overwrite=args.overwrite, progress=not args.no_progress)
+                         overwrite=args.overwrite, allow_tf32=args.allow_tf32,
+                         progress=not args.no_progress)
     print(f"{args.output}: {s['num_images']} images in {s['chunks']} chunks; computed "
           f"{s['computed_chunks']} chunks ({s['computed_images']} images), "
           f"{s['skipped_chunks']} were already done; {len(s['bad'])} unreadable images")
@@ -342,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=4, help="image decoding threads")
     t.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     t.add_argument("--overwrite", action="store_true", help="discard an existing output folder")
+    t.add_argument("--allow_tf32", action="store_true",
+                   help="let cuDNN use TF32 (faster on Ampere+ GPUs, ~1e-3 relative error)")
     t.add_argument("--no_progress", action="store_true")
     t.add_argument("--output", required=True)
     t.set_defaults(fn=_cmd_teacher)

@@ -1,0 +1,16 @@
+"""Progressive face SR trained up to stage 2 (64x64 output).
+
+Paper recipe (50k iterations per stage at stages 1-2, 100k at stage 3, batch 16)::
+
+    python -m progsr_jax.main --config=configs/step2.py --workdir=/tmp/progsr_step2 \
+        --config.data.root=/path/to/celeba [--config.fan.checkpoint=/path/to/converted_fan]
+
+Variants: `configs/step2.py:smoke` (built-in synthetic faces, tiny model, minutes on a
+CPU) and `configs/step2.py:cpu` (real faces, a budget for 2 CPU cores).
+"""
+
+from progsr_jax.config_lib import recipe
+
+
+def get_config(arg=None):
+    return recipe(2, arg)

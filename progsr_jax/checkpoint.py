@@ -1,0 +1,185 @@
+"""Orbax checkpoints for training, inference and converted official weights.
+
+A checkpoint directory (``<workdir>/checkpoints``) is managed by an Orbax
+``CheckpointManager``; each saved step holds the items
+
+* ``state``: the whole :class:`progsr_jax.train.TrainState` (G, D, both
+  optimiser states, global step; data position and RNG follow from the step),
+  training checkpoints only;
+* ``generator``: ``{'params', 'batch_stats'}`` of G, what inference loads;
+* ``discriminator``: ``{'params'}`` of D (converted official checkpoints);
+* ``meta``: JSON with ``stage``, ``alpha``, ``iteration``, ``width``, ``dtype``.
+
+Orbax writes each step to a temporary directory and renames it when
+complete, so a run killed during a save still has its previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from progsr_jax.errors import UserError
+
+FORMAT = "progsr_jax/1"
+ITEMS = ("state", "generator", "discriminator", "meta")
+# Config fields that must not change when a run is resumed.
+ARCH_FIELDS = ("model.width",)
+
+
+def manager(workdir_or_dir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    directory = os.path.abspath(workdir_or_dir)
+    if os.path.basename(directory) != "checkpoints":
+        directory = os.path.join(directory, "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+
+
+def save(mgr: ocp.CheckpointManager, state, step: int, meta: dict) -> None:
+    tree = serialization.to_state_dict(jax.device_get(state))
+    gen = {"params": tree["g_params"], "batch_stats": tree["g_stats"]}
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                           generator=ocp.args.StandardSave(gen),
+                                           meta=ocp.args.JsonSave(meta)), force=True)
+    mgr.wait_until_finished()
+
+
+def save_converted(directory: str, generator: dict, discriminator: dict | None, meta: dict) -> None:
+    """Writes a converted official checkpoint (no training state) as step ``meta['iteration']``."""
+    mgr = manager(directory, keep=1)
+    items = dict(generator=ocp.args.StandardSave(generator), meta=ocp.args.JsonSave(meta))
+    if discriminator is not None:
+        items["discriminator"] = ocp.args.StandardSave(discriminator)
+    mgr.save(int(meta.get("iteration", 0)), args=ocp.args.Composite(**items), force=True)
+    mgr.wait_until_finished()
+    mgr.close()
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore_latest(mgr: ocp.CheckpointManager, template_state):
+    """The latest training state in ``mgr`` restored into ``template_state``'s structure, or None."""
+    step = mgr.latest_step()
+    if step is None:
+        return None
+    template = serialization.to_state_dict(template_state)
+    try:
+        restored = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(template))))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the checkpoint at {mgr.directory}/{step} does not fit this model "
+                        f"(other architecture or width?): {str(e).splitlines()[0][:200]}") from None
+    if restored.state is None:
+        raise UserError(f"{mgr.directory}/{step} holds no training state (a converted checkpoint?); "
+                        "use --config.init_from=<it> in a fresh workdir instead")
+    return serialization.from_state_dict(template_state, restored.state)
+
+
+def resolve(path: str) -> tuple[str, int]:
+    """(checkpoints directory, step) for a workdir, a checkpoints directory or one step's directory."""
+    if not path or not os.path.isdir(path):
+        raise UserError(f"checkpoint path {path!r} does not exist or is not a directory")
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "generator")) and os.path.basename(path).isdigit():
+        return os.path.dirname(path), int(os.path.basename(path))
+    directory = path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        directory = os.path.join(path, "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(directory)
+                   if n.isdigit() and os.path.isdir(os.path.join(directory, n, "generator")))
+    if not steps:
+        raise UserError(f"no checkpoint found in {path} (expected a training workdir, its "
+                        "checkpoints/ folder, or a converted checkpoint)")
+    return directory, steps[-1]
+
+
+def load_generator(path: str) -> tuple[dict, dict]:
+    """(variables {'params', 'batch_stats'} as numpy, meta) of the generator at ``path``."""
+    directory, step = resolve(path)
+    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                item_names=ITEMS)
+    try:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        gen = mgr.restore(step, args=ocp.args.Composite(
+            generator=ocp.args.StandardRestore())).generator
+    except FileNotFoundError as e:
+        raise UserError(f"incomplete checkpoint at {directory}/{step}: {e}") from None
+    finally:
+        mgr.close()
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{directory}/{step} is not a progsr_jax checkpoint (format {meta!r})")
+    gen = jax.tree_util.tree_map(np.asarray, gen)
+    return gen, meta
+
+
+def load_discriminator(path: str) -> dict | None:
+    directory, step = resolve(path)
+    if not os.path.isdir(os.path.join(directory, str(step), "discriminator")):
+        return None
+    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                item_names=ITEMS)
+    try:
+        return jax.tree_util.tree_map(np.asarray, mgr.restore(step, args=ocp.args.Composite(
+            discriminator=ocp.args.StandardRestore())).discriminator)
+    finally:
+        mgr.close()
+
+
+def init_from_pretrained(state, path: str):
+    """Fine-tuning: G (and D if the checkpoint has one) from a converted/other checkpoint."""
+    gen, meta = load_generator(path)
+    state = _replace_checked(state, "g_params", gen["params"], path)
+    state = _replace_checked(state, "g_stats", gen["batch_stats"], path)
+    disc = load_discriminator(path)
+    if disc is not None:
+        state = _replace_checked(state, "d_params", disc["params"], path)
+    return state
+
+
+def _replace_checked(state, field: str, value, path: str):
+    ref = getattr(state, field)
+    ref_shapes = jax.tree_util.tree_map(np.shape, ref)
+    got_shapes = jax.tree_util.tree_map(np.shape, value)
+    if ref_shapes != got_shapes:
+        raise UserError(f"{path}: {field} does not fit this model (other architecture or width?)")
+    return state.replace(**{field: jax.tree_util.tree_map(lambda r, v: np.asarray(v, r.dtype),
+                                                          ref, value)})
+
+
+def check_or_write_config(workdir: str, config) -> None:
+    """Keeps ``config.json`` in the workdir; refuses to resume with another architecture."""
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                previous = json.load(f)
+            except json.JSONDecodeError:
+                previous = None
+        if previous is not None:
+            for dotted in ARCH_FIELDS:
+                a, b = _get(previous, dotted), _get(current, dotted)
+                if a != b:
+                    raise UserError(f"{workdir} holds a run with {dotted}={a}; this command asks "
+                                    f"for {dotted}={b}. Use another --workdir or the same setting")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for k in dotted.split("."):
+        if not isinstance(tree, dict) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree

@@ -1,0 +1,109 @@
+"""Loss terms of the paper (eq. 6) with the weights of the authors' training code.
+
+Generator: pixel (L1 by default, MSE selectable), perceptual (VGG16 relu1_2,
+relu2_2, relu3_3, relu4_3), adversarial (-mean D(G(x))), heatmap (MSE of
+normalised student-FAN heatmaps) and attention (mean(M * |G(x) - y|)).
+Discriminator: WGAN-GP with drift.  All functions are pure and jit-friendly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from progsr_jax.models import safe_sqrt
+
+_EPS = 1e-12
+
+
+def pixel_loss(fake, real, kind: str = "l1"):
+    if kind == "l1":
+        return jnp.mean(jnp.abs(fake - real))
+    if kind == "mse":
+        return jnp.mean(jnp.square(fake - real))
+    raise ValueError(f"unknown pixel loss {kind!r} (use 'l1' or 'mse')")
+
+
+def perceptual_loss(feats_fake, feats_real):
+    """Sum over the VGG taps of the mean squared feature difference."""
+    return sum(jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
+               for a, b in zip(feats_fake, feats_real))
+
+
+def minmax_per_sample(hm, lo=None, hi=None):
+    """(hm - min) / (max - min) per sample over (H, W, 68); ``lo``/``hi`` override the statistics."""
+    lo = jnp.min(hm, axis=(1, 2, 3), keepdims=True) if lo is None else lo
+    hi = jnp.max(hm, axis=(1, 2, 3), keepdims=True) if hi is None else hi
+    return (hm - lo) / jnp.maximum(hi - lo, _EPS)
+
+
+def normalise_heatmaps(hm_fake, hm_real, mode: str = "own"):
+    """Min-max normalised heatmaps (fake, real), per sample over (H, W, 68).
+
+    ``mode='own'`` (default) normalises each heatmap with its own min and max.
+    ``mode='pfsr_code'`` reproduces the authors' code, which (by a variable
+    name typo) normalises the fake heatmaps with their own max but the *real*
+    heatmaps' min.
+    """
+    real = minmax_per_sample(hm_real)
+    if mode == "own":
+        fake = minmax_per_sample(hm_fake)
+    elif mode == "pfsr_code":
+        fake = minmax_per_sample(hm_fake, lo=jnp.min(hm_real, axis=(1, 2, 3), keepdims=True))
+    else:
+        raise ValueError(f"unknown heatmap normalisation {mode!r} (use 'own' or 'pfsr_code')")
+    return fake, real
+
+
+def attention_map(hm_real_normalised):
+    """M: max over the 68 channels, min-max normalised with the whole batch's heatmap range.
+
+    As in the authors' code, the range is that of the full normalised heatmap
+    tensor (so M is the channel maximum when every sample spans [0, 1]).
+    Shape (B, H, W, 1); no gradient flows through it.
+    """
+    hm = jax.lax.stop_gradient(hm_real_normalised)
+    m = jnp.max(hm, axis=-1, keepdims=True)
+    lo, hi = jnp.min(hm), jnp.max(hm)
+    return (m - lo) / jnp.maximum(hi - lo, _EPS)
+
+
+def heatmap_and_attention_losses(fan_apply: Callable, fake, real, norm_mode: str = "own"):
+    """Heatmap loss MSE(hm_f, hm_r) and attention loss mean(M * |fake - real|).
+
+    ``fan_apply`` maps images in [0, 1] (NHWC) to heatmaps (N, H, W, 68); fake
+    and real go through it in one batch.
+    """
+    n = fake.shape[0]
+    hm = fan_apply(jnp.concatenate([0.5 * fake + 0.5, 0.5 * jax.lax.stop_gradient(real) + 0.5]))
+    hm = hm.astype(jnp.float32)
+    hm_f, hm_r = normalise_heatmaps(hm[:n], jax.lax.stop_gradient(hm[n:]), norm_mode)
+    heat = jnp.mean(jnp.square(hm_f - hm_r))
+    att = jnp.mean(attention_map(hm_r) * jnp.abs(fake - real))
+    return heat, att
+
+
+def gradient_penalty(d_apply: Callable, real, fake, eps):
+    """mean((||grad_xhat sum(D(xhat))||_2 - 1)^2), xhat = eps*real + (1-eps)*fake.
+
+    The gradient is taken with ``jax.grad`` of the summed critic output with
+    respect to the interpolated images; its norm is over all pixels of each
+    sample.
+    """
+    xhat = eps * real + (1.0 - eps) * fake
+    grads = jax.grad(lambda x: jnp.sum(d_apply(x)))(xhat)
+    norms = safe_sqrt(jnp.sum(jnp.square(grads.reshape(grads.shape[0], -1)), axis=1))
+    return jnp.mean(jnp.square(norms - 1.0))
+
+
+def discriminator_loss(d_apply: Callable, real, fake, eps, gp_weight: float = 10.0,
+                       drift: float = 0.001):
+    """WGAN-GP with drift: mean D(fake) - [mean D(real) - drift * mean D(real)^2] + gp_weight * GP."""
+    d_real = d_apply(real)
+    d_fake = d_apply(fake)
+    real_term = jnp.mean(d_real) - drift * jnp.mean(jnp.square(d_real))
+    gp = gradient_penalty(d_apply, real, fake, eps)
+    loss = jnp.mean(d_fake) - real_term + gp_weight * gp
+    return loss, {"d_real": jnp.mean(d_real), "d_fake": jnp.mean(d_fake), "gradient_penalty": gp}

@@ -1,0 +1,377 @@
+"""Progressive training: state, the jitted train step of each stage, and the loop.
+
+Layout follows flax's ``examples/imagenet``: :func:`create_train_state`,
+:func:`make_train_step` (one jit-compiled step per stage) and
+:func:`train_and_evaluate`.
+
+Determinism: the data order is a function of (seed, global step) and the
+randomness of step ``s`` is ``fold_in(PRNGKey(seed), s)``, so a run resumed
+from a checkpoint continues exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from progsr_jax import checkpoint as ckpt_lib
+from progsr_jax import config_lib, losses, models, vgg
+from progsr_jax.errors import UserError
+
+log = logging.getLogger("progsr_jax")
+
+# Which stage's block each top-level module belongs to; a stage-k update touches
+# groups 1..k.  Every group has its own Adam state (and step count), like the
+# per-parameter state of PyTorch's Adam in the authors' code, where a block's
+# parameters start being optimised when its stage starts.
+G_GROUPS = {"step1_0": 1, "step1_1": 1, "step1_3": 1, "step1_4": 1, "step1_5": 1, "to_rgb_0": 1,
+            "step2_0": 2, "step2_1": 2, "step2_2": 2, "to_rgb_1": 2,
+            "step3_0": 3, "step3_1": 3, "step3_2": 3, "to_rgb_2": 3}
+D_GROUPS = {"from_rgb_0": 1, "step1_0": 1, "equal_conv": 1, "linear": 1, "linear2": 1,
+            "from_rgb_1": 2, "step2_0": 2, "from_rgb_2": 3, "step3_0": 3}
+
+METRIC_TERMS = config_lib.LOSS_TERMS
+
+
+def split_groups(params: dict, groups: dict[str, int]) -> dict[str, dict]:
+    out: dict[str, dict] = {"1": {}, "2": {}, "3": {}}
+    for name, sub in params.items():
+        out[str(groups[name])][name] = sub
+    return out
+
+
+def merge_groups(parts: dict[str, dict]) -> dict:
+    merged = {}
+    for sub in parts.values():
+        merged.update(sub)
+    return merged
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray  # completed iterations, counted over all stages
+    g_params: Any
+    g_stats: Any
+    d_params: Any
+    g_opt: Any  # {'1','2','3'}: Adam state of each stage's parameter group
+    d_opt: Any
+    bad_step: jnp.ndarray  # first iteration with a non-finite loss/gradient, -1 if none
+    bad_terms: jnp.ndarray  # bitmask over metric names (see nonfinite_names)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    return optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+def create_train_state(config, key) -> tuple[TrainState, models.Generator, models.Discriminator]:
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    kg, kd = jax.random.split(key)
+    g, gv = models.init_generator(kg, config.model.width, dtype)
+    d, dv = models.init_discriminator(kd, config.model.width, dtype)
+    tx = make_optimizer(config)
+    g_opt = {k: tx.init(v) for k, v in split_groups(gv["params"], G_GROUPS).items()}
+    d_opt = {k: tx.init(v) for k, v in split_groups(dv["params"], D_GROUPS).items()}
+    state = TrainState(step=jnp.zeros((), jnp.int32), g_params=gv["params"],
+                       g_stats=gv["batch_stats"], d_params=dv["params"], g_opt=g_opt, d_opt=d_opt,
+                       bad_step=jnp.full((), -1, jnp.int32), bad_terms=jnp.zeros((), jnp.int32))
+    return state, g, d
+
+
+# Names whose finiteness is checked every step (bit i of bad_terms <-> name i).
+CHECKED = METRIC_TERMS + ("g_loss", "d_loss", "gradient_penalty", "g_grad_norm", "d_grad_norm")
+
+
+def nonfinite_names(mask: int) -> list[str]:
+    return [n for i, n in enumerate(CHECKED) if mask & (1 << i)]
+
+
+def _apply_groups(tx, grads, opt_state, params, groups, stage):
+    """Adam on the parameter groups of stages 1..stage; later groups stay untouched."""
+    g_parts, p_parts = split_groups(grads, groups), split_groups(params, groups)
+    new_opt = dict(opt_state)
+    for k in range(1, stage + 1):
+        key = str(k)
+        upd, new_opt[key] = tx.update(g_parts[key], opt_state[key], p_parts[key])
+        p_parts[key] = optax.apply_updates(p_parts[key], upd)
+    return merge_groups(p_parts), new_opt
+
+
+def make_train_step(config, g: models.Generator, d: models.Discriminator, stage: int,
+                    use_fan: bool, fan_module=None) -> Callable:
+    """The full training iteration of one stage (pure; jit it).
+
+    ``step_fn(state, batch, alpha, vgg_params, fan_vars) -> (state, metrics)``:
+    one generator update, then one discriminator update on a fresh G(x) from
+    the updated generator, as in the authors' code.  A non-finite loss or
+    gradient norm leaves the state unchanged and is recorded in
+    ``bad_step``/``bad_terms``; from then on updates are skipped.
+    """
+    w = config_lib.loss_weights(config, stage)
+    tx = make_optimizer(config)
+    vgg_net = vgg.VGG16Features(dtype=g.dtype)
+    key0 = jax.random.PRNGKey(config.seed)
+    pixel_kind = config.loss.pixel
+    norm_mode = config.loss.heatmap_norm
+    fan_on = use_fan and stage > 1 and (w["heatmap"] > 0 or w["attention"] > 0)
+    perc_on = w["perceptual"] > 0
+
+    def step_fn(state: TrainState, batch, alpha, vgg_params, fan_vars):
+        lr, hr = batch["lr"], batch["hr"]
+        key = jax.random.fold_in(key0, state.step)
+
+        def d_apply(params, x):
+            return d.apply({"params": params}, x, step=stage, alpha=alpha)
+
+        def g_loss_fn(g_params):
+            fake, upd = g.apply({"params": g_params, "batch_stats": state.g_stats}, lr,
+                                step=stage, alpha=alpha, train=True, mutable=["batch_stats"])
+            terms = {t: jnp.zeros((), jnp.float32) for t in METRIC_TERMS}
+            terms["pixel"] = losses.pixel_loss(fake, hr, pixel_kind)
+            terms["adversarial"] = -jnp.mean(d_apply(state.d_params, fake))
+            if perc_on:
+                n = fake.shape[0]
+                feats = vgg_net.apply({"params": vgg_params},
+                                      jnp.concatenate([0.5 * fake + 0.5, 0.5 * hr + 0.5]))
+                terms["perceptual"] = losses.perceptual_loss(
+                    [f[:n] for f in feats], [jax.lax.stop_gradient(f[n:]) for f in feats])
+            if fan_on:
+                fan_apply = lambda x: fan_module.apply(fan_vars, x, train=False)  # noqa: E731
+                terms["heatmap"], terms["attention"] = losses.heatmap_and_attention_losses(
+                    fan_apply, fake, hr, norm_mode)
+            total = sum(w[t] * terms[t] for t in METRIC_TERMS if w[t] > 0)
+            return total, (terms, upd["batch_stats"])
+
+        (g_loss, (terms, g_stats)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
+            state.g_params)
+        g_params, g_opt = _apply_groups(tx, g_grads, state.g_opt, state.g_params, G_GROUPS, stage)
+
+        # Discriminator update on a fresh G(x) from the updated generator (train-mode
+        # BatchNorm, which updates the running statistics a second time, as the
+        # authors' code does).
+        fake, upd = g.apply({"params": g_params, "batch_stats": g_stats}, lr, step=stage,
+                            alpha=alpha, train=True, mutable=["batch_stats"])
+        fake = jax.lax.stop_gradient(fake)
+        g_stats = upd["batch_stats"]
+        eps = jax.random.uniform(key, (hr.shape[0], 1, 1, 1), jnp.float32)
+
+        def d_loss_fn(d_params):
+            return losses.discriminator_loss(lambda x: d_apply(d_params, x), hr, fake, eps,
+                                             config.loss.gp_weight, config.loss.drift)
+
+        (d_loss, d_aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.d_params)
+        d_params, d_opt = _apply_groups(tx, d_grads, state.d_opt, state.d_params, D_GROUPS, stage)
+
+        metrics = dict(terms)
+        metrics.update(g_loss=g_loss, d_loss=d_loss, g_grad_norm=optax.global_norm(g_grads),
+                       d_grad_norm=optax.global_norm(d_grads), **d_aux)
+        bits = sum(jnp.where(jnp.isfinite(metrics[n]), 0, 1 << i) for i, n in enumerate(CHECKED))
+        ok = (bits == 0) & (state.bad_step < 0)
+        new = state.replace(step=state.step + 1, g_params=g_params, g_stats=g_stats,
+                            d_params=d_params, g_opt=g_opt, d_opt=d_opt)
+        frozen = state.replace(
+            step=state.step + 1,
+            bad_step=jnp.where(state.bad_step < 0, state.step, state.bad_step).astype(jnp.int32),
+            bad_terms=jnp.where(state.bad_step < 0, bits, state.bad_terms).astype(jnp.int32))
+        state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, frozen)
+        metrics["alpha"] = jnp.asarray(alpha, jnp.float32)
+        return state, metrics
+
+    return step_fn
+
+
+def stage_schedule(config) -> list[tuple[int, int, int]]:
+    """[(stage, first global step, end global step)] for the stages this run trains."""
+    out, begin = [], 0
+    for k in range(config.start_stage, config.final_stage + 1):
+        n = int(config.stage_steps[k - 1])
+        out.append((k, begin, begin + n))
+        begin += n
+    return out
+
+
+def alpha_at(config, stage: int, it: int) -> float:
+    """Fade-in weight at iteration ``it`` (0-based) of ``stage``: min(1, it / fade_steps)."""
+    if stage == 1 or config.fade_steps == 0:
+        return 1.0
+    return min(1.0, it / config.fade_steps)
+
+
+def stage_at(config, step: int) -> tuple[int, int]:
+    """(stage, iteration within the stage) of global step ``step``."""
+    for k, begin, end in stage_schedule(config):
+        if step < end:
+            return k, step - begin
+    k, begin, _ = stage_schedule(config)[-1]
+    return k, step - begin
+
+
+# --------------------------------------------------------------------------- loop
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _to_float_images(u8: np.ndarray) -> np.ndarray:
+    return u8.astype(np.float32) / 127.5 - 1.0
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+    """Trains stages ``start_stage..final_stage`` in ``workdir``; resumes if it holds a checkpoint."""
+    from progsr_jax import data as data_lib
+    from progsr_jax import reporting
+
+    devices = jax.devices()
+    config_lib.validate(config, len(devices))
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+        raise UserError(f"workdir {workdir} is not writable")
+    ckpt_lib.check_or_write_config(workdir, config)
+    reporter = reporting.Reporter(workdir)
+    reporter.info(f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}); "
+                  f"process {jax.process_index()} of {jax.process_count()}")
+
+    mesh = Mesh(np.array(devices), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    ds = data_lib.build_dataset(_data_cfg(config), log=reporter.info)
+    reporter.info(f"data: {len(ds)} images from {config.data.source} "
+                  f"({config.data.root or 'built-in'}, split {config.data.split})")
+
+    state, g, d = create_train_state(config, jax.random.PRNGKey(config.seed))
+    manager = ckpt_lib.manager(workdir, config.keep_checkpoints)
+    restored = ckpt_lib.restore_latest(manager, state)
+    if restored is not None:
+        state = restored
+        reporter.info(f"resumed from checkpoint at iteration {int(state.step)}")
+    elif config.init_from:
+        state = ckpt_lib.init_from_pretrained(state, config.init_from)
+        reporter.info(f"initialised G (and D if present) from {config.init_from}")
+    state = jax.device_put(state, replicated)
+
+    vgg_params = jax.device_put(vgg.load_vgg16_features_params(), replicated)
+    fan_module, fan_vars = None, None
+    if config.fan.checkpoint:
+        from progsr_jax import landmarks
+        fan_module, fan_vars = landmarks.load_variables(config.fan.checkpoint)
+        fan_vars = jax.device_put(fan_vars, replicated)
+        reporter.info(f"heatmap and attention losses use the FAN at {config.fan.checkpoint}")
+    elif config.final_stage > 1:
+        reporter.info("fan.checkpoint is not set: the heatmap and attention losses are off")
+
+    schedule = stage_schedule(config)
+    total = schedule[-1][2]
+    sample_idx = np.arange(min(config.num_samples, len(ds)))
+    start_time = time.time()
+
+    with _Stop() as stop, reporter.progress(total, int(state.step)) as bar:
+        for stage, begin, end in schedule:
+            if int(state.step) >= end:
+                continue
+            step_fn = make_train_step(config, g, d, stage, fan_vars is not None, fan_module)
+            jitted = jax.jit(step_fn, donate_argnums=(0,),
+                             in_shardings=(replicated, batch_sharding, None, replicated, replicated),
+                             out_shardings=(replicated, replicated))
+            reporter.info(f"stage {stage}: {16 * 2 ** stage}x{16 * 2 ** stage} output, "
+                          f"iterations {begin}..{end - 1}")
+            pending, t_last, n_last = [], time.time(), int(state.step)
+            with data_lib.Prefetcher(ds, int(state.step), end, config.batch_size, config.seed,
+                                     stage, sharding=batch_sharding,
+                                     buffer=config.data.prefetch) as batches:
+                for step, batch in batches:
+                    alpha = alpha_at(config, stage, step - begin)
+                    state, metrics = jitted(state, batch, np.float32(alpha), vgg_params, fan_vars)
+                    pending.append(metrics)
+                    done = step + 1
+                    bar.update(1)
+                    last = done == end
+                    if done % config.log_every == 0 or last or stop.signal:
+                        host = jax.device_get(pending)
+                        pending = []
+                        _check_finite(state, reporter, manager)
+                        now = time.time()
+                        rate = (done - n_last) * config.batch_size / max(now - t_last, 1e-9)
+                        t_last, n_last = now, done
+                        reporter.log(done, stage, alpha, host, rate)
+                        bar.set_postfix(stage=stage, g=f"{reporter.last['g_loss']:.3f}",
+                                        d=f"{reporter.last['d_loss']:.3f}")
+                    if done % config.sample_every == 0 or last:
+                        reporter.samples(g, state, ds, sample_idx, stage, alpha, done)
+                    if done % config.checkpoint_every == 0 or last or stop.signal:
+                        _check_finite(state, reporter, manager)
+                        ckpt_lib.save(manager, state, done, _meta(config, stage, alpha, done - begin))
+                    if stop.signal:
+                        manager.wait_until_finished()
+                        reporter.info(f"stopped by signal {stop.signal} at iteration {done}; "
+                                      "checkpoint saved, re-run the same command to resume")
+                        reporter.close()
+                        raise SystemExit(0)
+    manager.wait_until_finished()
+    reporter.info(f"finished {total} iterations in {time.time() - start_time:.0f} s")
+    reporter.close()
+    return state
+
+
+def _data_cfg(config):
+    import ml_collections
+    c = ml_collections.ConfigDict(config.data.to_dict())
+    c.seed = config.seed
+    if c.num_workers is None or c.num_workers < 0:
+        c.num_workers = os.cpu_count() or 1
+    return c
+
+
+def _meta(config, stage, alpha, iteration):
+    return {"stage": stage, "alpha": float(alpha), "iteration": int(iteration),
+            "width": float(config.model.width), "dtype": config.model.dtype,
+            "format": ckpt_lib.FORMAT}
+
+
+def _check_finite(state: TrainState, reporter, manager) -> None:
+    bad = int(jax.device_get(state.bad_step))
+    if bad >= 0:
+        names = nonfinite_names(int(jax.device_get(state.bad_terms)))
+        manager.wait_until_finished()
+        latest = manager.latest_step()
+        where = f"the last good checkpoint is iteration {latest}" if latest is not None else \
+            "no checkpoint had been saved yet"
+        reporter.info(f"non-finite {', '.join(names)} at iteration {bad}; training stopped; {where}")
+        reporter.close()
+        raise UserError(f"training diverged: non-finite {', '.join(names)} at iteration {bad} "
+                        f"({where}); lower optim.lr or check the data")
