@@ -54,7 +54,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from absl import flags
@@ -249,7 +249,8 @@ def iter_loaded(files: Sequence[str], load: Callable[[str], Any], workers: int =
         return
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
         it = iter(files)
-        pending = collections.deque((p, ex.submit(guarded, p)) for p in itertools.islice(it, window))
+        pending = collections.deque((p, ex.submit(guarded, p))
+                                    for p in itertools.islice(it, window))
         while pending:
             p, fut = pending.popleft()
             nxt = next(it, None)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import dataclasses
 import json
 import os
 import sys
@@ -45,11 +44,11 @@ from typing import Any, Sequence
 
 import numpy as np
 from absl import flags
-from PIL import Image
 
 from progsr_jax.errors import UserError, run_cli
-from progsr_jax.evaluate import (DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT, _check_output, _rel, crop_square,
-                                 iter_loaded, landmark_box, parse_flags, read_landmarks)
+from progsr_jax.evaluate import (DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT, _check_output, _rel,
+                                 crop_square, iter_loaded, landmark_box, parse_flags,
+                                 read_landmarks)
 
 SIZES = (64, 128)
 CROPS = ("landmarks", "square", "celeba")
@@ -263,7 +262,8 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
 def main(argv: Sequence[str] | None = None) -> int:
     fv = parse_flags(_define_flags, sys.argv if argv is None else argv, __doc__)
     evaluate_landmarks(fv.fan, fv.data_root, fv.reference_fan, size=int(fv.size), crop=fv.crop,
-                       crop_scale=fv.crop_scale, crop_shift=fv.crop_shift, batch_size=fv.batch_size, limit=fv.limit,
+                       crop_scale=fv.crop_scale, crop_shift=fv.crop_shift,
+                       batch_size=fv.batch_size, limit=fv.limit,
                        output=fv.output, workers=fv.workers, progress=fv.progress)
     return 0
 

@@ -68,7 +68,8 @@ def make_inputs(root: pathlib.Path) -> tuple[list[str], list[str]]:
     rgba = np.dstack([_rgb(80, 80), np.full((80, 80), 128, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(root / "alpha.png")
     Image.fromarray(_rgb(70, 90)).convert("CMYK").save(root / "cmyk.jpg")
-    Image.fromarray((_rgb(64, 64)[..., 1].astype(np.uint16) * 257)).save(root / "sub" / "deep16.png")
+    deep = _rgb(64, 64)[..., 1].astype(np.uint16) * 257
+    Image.fromarray(deep).save(root / "sub" / "deep16.png")
     Image.fromarray(_rgb(48, 48)).convert("P", palette=Image.ADAPTIVE).save(root / "palette.png")
     Image.fromarray(_rgb(40, 40)).convert("1").save(root / "bilevel.bmp")
     Image.fromarray(_rgb(50, 50)).save(root / "dup.jpg")
@@ -154,7 +155,8 @@ def test_nothing_usable_is_an_error(tmp_path, fake_inference, capsys):
     assert "a.jpg" in "\n".join(err) and "b.png" in "\n".join(err)
     # misuse: missing input
     with pytest.raises(SystemExit) as e:
-        run_cli(lambda: infer.main(["infer", f"--checkpoint={tmp_path}", f"--input={tmp_path / 'nope'}",
+        run_cli(lambda: infer.main(["infer", f"--checkpoint={tmp_path}",
+                                    f"--input={tmp_path / 'nope'}",
                                     f"--output={tmp_path / 'o'}"]))
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: --input does not exist")

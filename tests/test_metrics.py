@@ -172,8 +172,8 @@ def test_ms_ssim_matches_wang_definition(pair, pair_scales):
 def test_metrics_are_jittable(pair):
     a, b = pair
     out = per_image_metrics(a, b)
-    assert {k: v.shape for k, v in out.items()} == {k: (2,) for k in
-                                                     ("psnr", "ssim", "ms_ssim", "psnr_y", "ssim_y")}
+    keys = ("psnr", "ssim", "ms_ssim", "psnr_y", "ssim_y")
+    assert {k: v.shape for k, v in out.items()} == {k: (2,) for k in keys}
     assert all(v.dtype == np.float32 for v in out.values())
 
 

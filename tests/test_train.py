@@ -1,0 +1,253 @@
+"""Losses, the train step of every stage, determinism, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from progsr_jax import config_lib, inference, losses, models, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    c = config_lib.recipe(3, "smoke")
+    c.model.width = 0.0625
+    c.batch_size = 2
+    c.stage_steps = (2, 2, 2)
+    c.fade_steps = 1
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.sample_every = 100
+    c.num_samples = 2
+    c.data.num_synthetic = 8
+    c.data.num_workers = 0
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def test_alpha_schedule_matches_authors_code():
+    c = config_lib.base_config()
+    assert train.alpha_at(c, 1, 0) == 1.0
+    assert train.alpha_at(c, 2, 0) == 0.0
+    assert train.alpha_at(c, 2, 12_500) == 0.5
+    assert train.alpha_at(c, 3, 25_000) == 1.0
+    assert train.alpha_at(c, 3, 90_000) == 1.0
+    assert train.stage_at(c, 0) == (1, 0)
+    assert train.stage_at(c, 50_000) == (2, 0)
+    assert train.stage_at(c, 100_001) == (3, 1)
+
+
+def test_config_validation_messages():
+    from progsr_jax.errors import UserError
+    for field, value, msg in [("batch_size", 0, "batch_size"), ("final_stage", 4, "final_stage"),
+                              ("model.dtype", "float16", "model.dtype"),
+                              ("loss.pixel", "l3", "loss.pixel")]:
+        c = tiny_config()
+        node = c
+        *path, last = field.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+        with pytest.raises(UserError, match=msg):
+            config_lib.validate(c)
+    with pytest.raises(UserError, match="divisible"):
+        config_lib.validate(tiny_config(batch_size=6), num_devices=4)
+
+
+def test_gradient_penalty_against_finite_differences():
+    # D(x) = sum_i w_i * tanh(x_i): the gradient per sample is w * (1 - tanh(x)^2).
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((4, 4, 3)), jnp.float32)
+    d_apply = lambda x: jnp.sum(w * jnp.tanh(x), axis=(1, 2, 3))  # noqa: E731
+    real = jnp.asarray(rng.standard_normal((3, 4, 4, 3)), jnp.float32)
+    fake = jnp.asarray(rng.standard_normal((3, 4, 4, 3)), jnp.float32)
+    eps = jnp.asarray(rng.uniform(size=(3, 1, 1, 1)), jnp.float32)
+    gp = losses.gradient_penalty(d_apply, real, fake, eps)
+    xhat = np.asarray(eps * real + (1 - eps) * fake, np.float64)
+    grad = np.asarray(w, np.float64) * (1 - np.tanh(xhat) ** 2)
+    want = np.mean((np.sqrt((grad ** 2).reshape(3, -1).sum(1)) - 1) ** 2)
+    np.testing.assert_allclose(float(gp), want, rtol=1e-5)
+
+
+torch = pytest.importorskip("torch", reason="the PyTorch parity of the D loss needs torch")
+
+
+def test_discriminator_loss_matches_pytorch_autograd():
+    from progsr_jax import convert, torch_reference as tr
+    torch.manual_seed(0)
+    td = tr.Discriminator(width=0.125)
+    d, ref = models.init_discriminator(jax.random.PRNGKey(0), width=0.125)
+    sd = {k: v.detach().numpy().copy() for k, v in td.state_dict().items()}
+    variables = convert.state_dict_to_variables(sd, ref)
+    rng = np.random.default_rng(0)
+    real = rng.uniform(-1, 1, (4, 64, 64, 3)).astype(np.float32)
+    fake = rng.uniform(-1, 1, (4, 64, 64, 3)).astype(np.float32)
+    eps = rng.uniform(size=(4, 1, 1, 1)).astype(np.float32)
+    d_apply = lambda x: d.apply(variables, x, step=2, alpha=0.3)  # noqa: E731
+    loss, aux = losses.discriminator_loss(d_apply, real, fake, eps)
+
+    t = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    tr_real, tr_fake, tr_eps = t(real), t(fake), torch.from_numpy(eps.reshape(4, 1, 1, 1))
+    s_real = td(tr_real, 2, 0.3)
+    real_term = s_real.mean() - 0.001 * (s_real ** 2).mean()
+    x_hat = (tr_eps * tr_real + (1 - tr_eps) * tr_fake).requires_grad_(True)
+    g, = torch.autograd.grad(td(x_hat, 2, 0.3).sum(), x_hat, create_graph=True)
+    gp = ((g.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+    want = td(tr_fake, 2, 0.3).mean() - real_term + 10 * gp
+    np.testing.assert_allclose(float(aux["gradient_penalty"]), float(gp), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-4, atol=1e-4)
+
+
+def test_heatmap_normalisation_modes():
+    rng = np.random.default_rng(0)
+    hm_f = jnp.asarray(rng.uniform(0.1, 2.0, (2, 4, 4, 68)), jnp.float32)
+    hm_r = jnp.asarray(rng.uniform(-0.5, 1.0, (2, 4, 4, 68)), jnp.float32)
+    f, r = losses.normalise_heatmaps(hm_f, hm_r, "own")
+    np.testing.assert_allclose(jnp.min(f, axis=(1, 2, 3)), 0, atol=1e-6)
+    np.testing.assert_allclose(jnp.max(r, axis=(1, 2, 3)), 1, atol=1e-6)
+    fq, _ = losses.normalise_heatmaps(hm_f, hm_r, "pfsr_code")
+    lo = np.min(np.asarray(hm_r), axis=(1, 2, 3), keepdims=True)
+    hi = np.max(np.asarray(hm_f), axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(fq, (np.asarray(hm_f) - lo) / (hi - lo), rtol=1e-5)
+    m = losses.attention_map(r)
+    assert m.shape == (2, 4, 4, 1)
+    np.testing.assert_allclose(m, np.max(np.asarray(r), axis=-1, keepdims=True), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+    from progsr_jax import vgg
+    from progsr_jax.fan import StudentFAN
+    c = tiny_config()
+    state, g, d = train.create_train_state(c, jax.random.PRNGKey(0))
+    fan = StudentFAN(width=0.25)
+    fan_vars = fan.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
+    return c, state, g, d, fan, fan_vars, vgg.load_vgg16_features_params()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_one_train_step_per_stage(step_setup, stage):
+    c, state, g, d, fan, fan_vars, vgg_params = step_setup
+    res = 16 * 2 ** stage
+    rng = np.random.default_rng(stage)
+    batch = {"lr": rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
+             "hr": rng.uniform(-1, 1, (2, res, res, 3)).astype(np.float32)}
+    fn = jax.jit(train.make_train_step(c, g, d, stage, True, fan))
+    new, m = fn(state, batch, np.float32(0.5), vgg_params, fan_vars)
+    assert int(new.step) == 1 and int(new.bad_step) == -1
+    for name in ("pixel", "adversarial", "perceptual", "g_loss", "d_loss", "gradient_penalty"):
+        assert np.isfinite(float(m[name])), name
+    if stage > 1:  # the FAN is on: heatmap and attention losses are positive
+        assert float(m["heatmap"]) > 0 and float(m["attention"]) > 0
+    else:
+        assert float(m["heatmap"]) == 0 and float(m["attention"]) == 0
+    # Only the parameter groups of stages <= stage move.
+    def moved(tree_new, tree_old):
+        return any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(tree_new),
+                                                            jax.tree_util.tree_leaves(tree_old)))
+
+    for name, group in train.G_GROUPS.items():
+        if group > stage:
+            assert not moved(new.g_params[name], state.g_params[name]), name
+    for name, group in train.D_GROUPS.items():
+        if group > stage:
+            assert not moved(new.d_params[name], state.d_params[name]), name
+    assert moved(new.g_params["step1_0"], state.g_params["step1_0"])
+    assert moved(new.g_params[f"to_rgb_{stage - 1}"], state.g_params[f"to_rgb_{stage - 1}"])
+    assert moved(new.d_params["linear2"], state.d_params["linear2"])
+
+
+def test_nonfinite_loss_freezes_state_and_names_term(step_setup):
+    c, state, g, d, fan, fan_vars, vgg_params = step_setup
+    batch = {"lr": np.full((2, 16, 16, 3), np.nan, np.float32),
+             "hr": np.zeros((2, 32, 32, 3), np.float32)}
+    fn = jax.jit(train.make_train_step(c, g, d, 1, False, None))
+    new, _ = fn(state, batch, np.float32(1.0), vgg_params, None)
+    assert int(new.bad_step) == 0
+    assert "pixel" in train.nonfinite_names(int(new.bad_terms))
+    for a, b in zip(jax.tree_util.tree_leaves(new.g_params), jax.tree_util.tree_leaves(state.g_params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _final_generator(workdir):
+    sr = inference.load(workdir)
+    x = np.linspace(-1, 1, 2 * 16 * 16 * 3, dtype=np.float32).reshape(2, 16, 16, 3)
+    return sr, np.asarray(sr(x))
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_and_resume_is_exact(tmp_path):
+    """Two runs with the same seed agree; a run resumed at a stage boundary equals both."""
+    c = tiny_config()
+    c.data.cache_dir = str(tmp_path / "cache")
+    train.train_and_evaluate(c, str(tmp_path / "a"))
+    train.train_and_evaluate(c, str(tmp_path / "b"))
+    resumed = tiny_config(final_stage=2)
+    resumed.data.cache_dir = str(tmp_path / "cache")
+    train.train_and_evaluate(resumed, str(tmp_path / "c"))
+    train.train_and_evaluate(c, str(tmp_path / "c"))  # same workdir: resumes at iteration 4
+
+    sr_a, out_a = _final_generator(tmp_path / "a")
+    _, out_b = _final_generator(tmp_path / "b")
+    _, out_c = _final_generator(tmp_path / "c")
+    assert sr_a.step == 3 and sr_a.alpha == 1.0 and out_a.shape == (2, 128, 128, 3)
+    np.testing.assert_array_equal(out_a, out_b)
+    np.testing.assert_array_equal(out_a, out_c)
+
+    recs = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert {r["stage"] for r in recs} == {1, 2, 3}
+    for r in recs:
+        for key in ("step", "alpha", "pixel", "perceptual", "adversarial", "heatmap",
+                    "attention", "images_per_sec", "d_loss", "g_loss"):
+            assert key in r
+    assert os.listdir(tmp_path / "a" / "samples")
+    assert (tmp_path / "a" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_other_width_is_refused(tmp_path):
+    from progsr_jax.errors import UserError
+    c = tiny_config(final_stage=1)
+    c.data.cache_dir = str(tmp_path / "cache")
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+    with pytest.raises(UserError, match="model.width"):
+        train.train_and_evaluate(tiny_config(**{"model.width": 0.125}), str(tmp_path / "w"))
+
+
+def _run_cli(*args, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.batch_size=0"], "batch_size"),
+    (["--config.data.source=celeba", "--config.data.root=/nonexistent/celeba"], "/nonexistent"),
+    (["--config.final_stage=5"], "final_stage"),
+])
+def test_main_misuse_is_one_line_error(tmp_path, args, needle):
+    r = _run_cli("progsr_jax.main", "--config=configs/step3.py:smoke",
+                 f"--workdir={tmp_path / 'w'}", *args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert needle in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_inference_load_of_empty_directory_is_refused(tmp_path):
+    from progsr_jax.errors import UserError
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(UserError, match="no checkpoint"):
+        inference.load(str(tmp_path))
