@@ -22,9 +22,10 @@ size with PIL (``Image.BICUBIC``/``Image.BILINEAR``); ``model`` runs
 :func:`progsr_jax.inference.load` on ``--checkpoint``.  A model still at step
 1 or 2 is scored at its output size (32 or 64) against the matching target.
 
-Outputs are mapped to [0, 1] as ``0.5 * x + 0.5`` and clipped to [0, 1]
-(``--noclip`` keeps them unclipped, which is what the authors' released
-``eval.py`` does: it neither clips nor quantises to uint8).  They are not
+Outputs are mapped to [0, 1] as ``0.5 * x + 0.5`` and, under the standard
+protocol, clipped to [0, 1]; under ``--protocol=pfsr`` they stay unclipped,
+as in the authors' released ``eval.py``, which neither clips nor quantises
+(``--clip``/``--noclip`` override).  They are not
 quantised to uint8 here either.  Targets are the uint8 images / 255.
 
 Protocols (see :mod:`progsr_jax.metrics`): ``standard`` = mean of per-image
@@ -125,7 +126,8 @@ def _define_flags(fv: flags.FlagValues):
                        "crop_shift * side above the landmarks' box centre", flag_values=fv)
     flags.DEFINE_integer("limit", None, "evaluate only the first N files", lower_bound=1,
                          flag_values=fv)
-    flags.DEFINE_boolean("clip", True, "clip SR outputs to [0, 1] before scoring",
+    flags.DEFINE_boolean("clip", None, "clip SR outputs to [0, 1] before scoring (default: "
+                         "yes, except under --protocol=pfsr, whose released eval does not clip)",
                          flag_values=fv)
     flags.DEFINE_boolean("lpips", True, "compute LPIPS (VGG16; the slowest metric on CPU)",
                          flag_values=fv)
@@ -147,7 +149,7 @@ class EvalConfig:
     crop_scale: float = DEFAULT_CROP_SCALE
     crop_shift: float = DEFAULT_CROP_SHIFT
     limit: int | None = None
-    clip: bool = True
+    clip: bool | None = None  # None: clip unless protocol == 'pfsr'
     lpips: bool = True
     workers: int = 2
     progress: bool = True
@@ -467,6 +469,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
 
     from progsr_jax import metrics
 
+    if cfg.clip is None:
+        cfg = dataclasses.replace(cfg, clip=cfg.protocol != "pfsr")
     if cfg.method not in METHODS:
         raise UserError(f"unknown --method={cfg.method}; expected one of {', '.join(METHODS)}")
     if cfg.protocol not in PROTOCOLS:
@@ -643,6 +647,8 @@ def _summary(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     fv = parse_flags(_define_flags, sys.argv if argv is None else argv, __doc__)
     cfg = EvalConfig(**{f.name: fv[f.name].value for f in dataclasses.fields(EvalConfig)})
+    if cfg.clip is None:
+        cfg.clip = cfg.protocol != "pfsr"
     result = evaluate(cfg)
     print(_summary(result))
     if result["skipped"]:

@@ -55,7 +55,7 @@ def load(path: str) -> SuperResolver:
     """The generator at ``path`` (workdir, checkpoints/ folder, one step's folder or converted)."""
     variables, meta = ckpt_lib.load_generator(path)
     width = float(meta.get("width", 1.0))
-    ref = jax.eval_shape(lambda: models.init_generator(jax.random.PRNGKey(0), width)[1])
+    ref = models.generator_shapes(width)
     ref_shapes = jax.tree_util.tree_map(lambda a: tuple(a.shape), ref)
     got_shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), variables)
     if ref_shapes != got_shapes:

@@ -211,5 +211,12 @@ def init_discriminator(key, width: float = 1.0, dtype=jnp.float32):
     return model, dict(variables)
 
 
+def generator_shapes(width: float = 1.0) -> dict:
+    """The generator's variable tree as ShapeDtypeStructs (no computation)."""
+    model = Generator(width=width)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
+                                             step=3, alpha=1.0, train=False))
+
+
 def count_params(params) -> int:
     return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))

@@ -33,11 +33,17 @@ def test_width_multiplier_scales_channels():
     assert gv["params"]["to_rgb_2"]["weight"].shape == (1, 1, 16, 3)
 
 
-@pytest.mark.parametrize("step", [1, 2, 3])
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_shapes_at_every_stage(step, alpha):
+@pytest.fixture(scope="module")
+def tiny_models():
     g, gv = models.init_generator(jax.random.PRNGKey(0), width=0.125)
     d, dv = models.init_discriminator(jax.random.PRNGKey(1), width=0.125)
+    return g, gv, d, dv
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_shapes_at_every_stage(tiny_models, step, alpha):
+    g, gv, d, dv = tiny_models
     x = jnp.ones((2, 16, 16, 3))
     out, upd = g.apply(gv, x, step=step, alpha=alpha, train=True, mutable=["batch_stats"])
     assert out.shape == (2, 16 * 2 ** step, 16 * 2 ** step, 3)
@@ -46,8 +52,8 @@ def test_shapes_at_every_stage(step, alpha):
     assert score.shape == (2,)
 
 
-def test_fade_in_arithmetic():
-    g, gv = models.init_generator(jax.random.PRNGKey(0), width=0.125)
+def test_fade_in_arithmetic(tiny_models):
+    g, gv, _, _ = tiny_models
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3))
     # alpha = 0 is the nearest-upsampled previous stage; alpha = 1 the new block alone.
     prev = g.apply(gv, x, step=1, train=False)
