@@ -28,6 +28,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed iterations after warm-up.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed iterations (the first compiles).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Model width multiplier (1.0 = paper).")
+_D_WIDTH = flags.DEFINE_float("d_width", None, "Discriminator width multiplier (default: --width).")
 _TORCH = flags.DEFINE_bool("torch", False, "Time the PyTorch eager reference instead.")
 _FAN = flags.DEFINE_bool("fan", True, "Include the heatmap and attention losses (stages 2-3).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "inference"], "What to time.")
@@ -66,6 +67,7 @@ def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan):
     config = config_lib.base_config()
     config.batch_size = batch_size
     config.model.width = width
+    config.model.d_width = _D_WIDTH.value
     config.model.dtype = dtype
     config.data.source = "synthetic"
     devices = jax.devices()

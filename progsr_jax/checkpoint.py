@@ -30,7 +30,7 @@ from progsr_jax.errors import UserError
 FORMAT = "progsr_jax/1"
 ITEMS = ("state", "generator", "discriminator", "meta")
 # Config fields that must not change when a run is resumed.
-ARCH_FIELDS = ("model.width",)
+ARCH_FIELDS = ("model.width", "model.d_width")
 
 
 def manager(workdir_or_dir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:

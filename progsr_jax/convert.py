@@ -131,7 +131,7 @@ def variables_to_state_dict(variables: Mapping, conv_transpose: Iterable[str] = 
     """The inverse of :func:`state_dict_to_variables` (``num_batches_tracked`` omitted)."""
     conv_transpose = set(conv_transpose)
     sd = {}
-    for coll, tree in variables.items():
+    for tree in variables.values():
         for path, leaf in _flatten(tree).items():
             sd[path_to_torch_key(path)] = _to_torch_layout(np.asarray(leaf), path, conv_transpose)
     return sd

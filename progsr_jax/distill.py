@@ -391,14 +391,22 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def create_state(config, module) -> DistillState:
-    """The initial state: random student (``PRNGKey(seed)``), fresh Adam state, step 0."""
-    def init():
-        variables = module.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 64, 64, 3)))
+    """The initial state: a random student, a fresh Adam state, step 0.
+
+    The weights follow PyTorch's default initialisation (see
+    :mod:`progsr_jax.layers`), drawn from ``seed`` with JAX's ``rbg`` PRNG:
+    with the default threefry generator the initialisation alone takes longer
+    to compile on a CPU than the whole train step.
+    """
+    shape = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+
+    def init(key):
+        variables = module.lazy_init(key, shape)  # no forward pass, only the variables
         return DistillState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                             batch_stats=variables["batch_stats"],
                             opt_state=make_optimizer(config).init(variables["params"]))
 
-    return jax.jit(init)()  # compiled: eager initialisation is slow on a CPU
+    return jax.jit(init)(jax.random.key(config.seed, impl="rbg"))
 
 
 def make_train_step(config, module):

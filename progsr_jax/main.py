@@ -11,7 +11,6 @@ checkpoint.  On a multi-host TPU pod or multi-GPU cluster add
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags

@@ -11,9 +11,6 @@ from a checkpoint continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import logging
 import os
 import signal
@@ -81,7 +78,7 @@ def create_train_state(config, key) -> tuple[TrainState, models.Generator, model
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     kg, kd = jax.random.split(key)
     g, gv = models.init_generator(kg, config.model.width, dtype)
-    d, dv = models.init_discriminator(kd, config.model.width, dtype)
+    d, dv = models.init_discriminator(kd, config_lib.d_width(config), dtype)
     tx = make_optimizer(config)
     g_opt = {k: tx.init(v) for k, v in split_groups(gv["params"], G_GROUPS).items()}
     d_opt = {k: tx.init(v) for k, v in split_groups(dv["params"], D_GROUPS).items()}
@@ -359,7 +356,8 @@ def _data_cfg(config):
 
 def _meta(config, stage, alpha, iteration):
     return {"stage": stage, "alpha": float(alpha), "iteration": int(iteration),
-            "width": float(config.model.width), "dtype": config.model.dtype,
+            "width": float(config.model.width), "d_width": config_lib.d_width(config),
+            "dtype": config.model.dtype,
             "format": ckpt_lib.FORMAT}
 
 

@@ -67,7 +67,8 @@ def synthetic_teacher(tmp_path_factory):
     c.data.cache_dir = str(tmp / "cache")
     ds = data.build_dataset(distill._data_cfg(c, "train"), progress=False, log=lambda m: None)
     module = StudentFAN(width=0.25)
-    variables = jax.jit(module.init)(jax.random.PRNGKey(1), np.zeros((1, 64, 64, 3), np.float32))
+    variables = distill.create_state(c, module)  # a random student of another width
+    variables = {"params": variables.params, "batch_stats": variables.batch_stats}
     x = np.asarray(ds.images[64], np.float32) / 255.0
     hm = np.asarray(jax.jit(module.apply)(variables, x))
     write_teacher(tmp / "hm", ds.files, hm)

@@ -1,0 +1,181 @@
+"""Pre-emption, bad images and misuse: the command-line programs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from progsr_jax import inference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+# A tiny three-stage run: 4 + 8 + 4 iterations, a checkpoint every 2.
+TINY = ["--config=configs/step3.py:smoke", "--config.model.width=0.0625",
+        "--config.batch_size=2", "--config.stage_steps=(4, 8, 4)", "--config.fade_steps=3",
+        "--config.log_every=1", "--config.checkpoint_every=2", "--config.sample_every=100",
+        "--config.data.num_synthetic=16", "--config.data.num_workers=0"]
+
+
+def _main(workdir, *extra, cache):
+    return [sys.executable, "-m", "progsr_jax.main", f"--workdir={workdir}", *TINY,
+            f"--config.data.cache_dir={cache}", *extra]
+
+
+def _run(cmd, timeout=600):
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _output(workdir):
+    x = np.linspace(-1, 1, 2 * 16 * 16 * 3, dtype=np.float32).reshape(2, 16, 16, 3)
+    return np.asarray(inference.load(str(workdir))(x))
+
+
+@pytest.mark.slow
+def test_sigkill_during_stage2_then_resume_equals_uninterrupted(tmp_path):
+    cache = tmp_path / "cache"
+    r = _run(_main(tmp_path / "full", cache=cache))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(_main(work, cache=cache), cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 500
+    try:
+        while time.time() < deadline:  # kill once stage 2 is under way (iteration >= 7 logged)
+            if metrics.exists():
+                recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+                if any(r["stage"] == 2 and r["step"] >= 7 for r in recs):
+                    break
+            if proc.poll() is not None:
+                pytest.fail("the run ended before it could be killed")
+            time.sleep(0.05)
+        else:
+            pytest.fail("stage 2 never started")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+    r = _run(_main(work, cache=cache))  # the same command resumes
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from checkpoint at iteration" in r.stderr
+    np.testing.assert_allclose(_output(work), _output(tmp_path / "full"), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    work = tmp_path / "w"
+    proc = subprocess.Popen(_main(work, "--config.checkpoint_every=1000", cache=tmp_path / "c"),
+                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "checkpoint saved" in err
+    assert inference.load(str(work)).iteration is not None
+
+
+def _image_folder(folder, n_good=40):
+    from progsr_jax import synthetic
+    folder.mkdir()
+    faces, _ = synthetic.synthetic_dataset(n_good, seed=3)
+    for i, face in enumerate(faces):
+        Image.fromarray(face).save(folder / f"good_{i:02d}.png")
+    face = Image.fromarray(faces[0])
+    (folder / "truncated.jpg").write_bytes(_jpeg_bytes(face)[:400])
+    (folder / "notes.jpg").write_text("this is not an image\n")
+    (folder / "empty.png").write_bytes(b"")
+    face.resize((8, 8)).save(folder / "tiny.png")
+    face.convert("CMYK").save(folder / "cmyk.jpg")
+    face.convert("L").save(folder / "gray.png")
+    face.convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray((np.asarray(face.convert("L"), np.uint16) * 257)).save(folder / "deep16.png")
+    return {"truncated.jpg", "notes.jpg", "empty.png", "tiny.png"}
+
+
+def _jpeg_bytes(img):
+    import io
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_training_and_inference_on_a_folder_with_bad_files(tmp_path):
+    bad = _image_folder(tmp_path / "faces")
+    work = tmp_path / "w"
+    r = _run([sys.executable, "-m", "progsr_jax.main", f"--workdir={work}", *TINY,
+              "--config.final_stage=1", "--config.stage_steps=(2, 2, 2)",
+              "--config.data.source=folder", f"--config.data.root={tmp_path / 'faces'}",
+              f"--config.data.cache_dir={tmp_path / 'cache'}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped 4 of 48" in r.stderr, r.stderr[-3000:]
+    for name in bad:
+        assert name in r.stderr
+
+    out = tmp_path / "out"
+    r = _run([sys.executable, "-m", "progsr_jax.infer", f"--checkpoint={work}",
+              f"--input={tmp_path / 'faces'}", f"--output={out}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = sorted(os.listdir(out))
+    assert len(written) == 44, written
+    text = r.stdout + r.stderr
+    for name in bad:
+        assert name in text
+
+
+@pytest.mark.parametrize("case", ["missing_root", "empty_folder", "batch_zero",
+                                  "empty_checkpoint_dir", "evaluate_empty_folder"])
+def test_misuse_gives_one_line_error(tmp_path, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = [sys.executable, "-m", "progsr_jax.main", f"--workdir={tmp_path / 'w'}",
+            "--config=configs/step3.py:smoke"]
+    cmd = {
+        "missing_root": base + ["--config.data.source=celeba",
+                                f"--config.data.root={tmp_path / 'nowhere'}"],
+        "empty_folder": base + ["--config.data.source=folder", f"--config.data.root={empty}"],
+        "batch_zero": base + ["--config.batch_size=0"],
+        "empty_checkpoint_dir": [sys.executable, "-m", "progsr_jax.infer",
+                                 f"--checkpoint={empty}", f"--input={empty}",
+                                 f"--output={tmp_path / 'o'}"],
+        "evaluate_empty_folder": [sys.executable, "-m", "progsr_jax.evaluate",
+                                  "--method=bicubic", "--source=folder", f"--data_root={empty}",
+                                  f"--output={tmp_path / 'o'}"],
+    }[case]
+    r = _run(cmd, timeout=300)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_four_devices_train_like_one(tmp_path):
+    """Global batch 8 split over 4 forced host devices ends with the losses of 1 device."""
+    finals = {}
+    for n in (1, 4):
+        env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        work = tmp_path / f"d{n}"
+        r = subprocess.run(_main(work, "--config.batch_size=8", cache=tmp_path / "cache"),
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"devices: {n} x cpu" in r.stderr
+        finals[n] = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()][-1]
+    for key in ("pixel", "perceptual", "adversarial", "g_loss", "d_loss", "gradient_penalty"):
+        a, b = finals[1][key], finals[4][key]
+        assert abs(a - b) <= 0.02 * max(abs(a), 1e-3), (key, a, b)
