@@ -125,6 +125,7 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
     norm_mode = config.loss.heatmap_norm
     fan_on = use_fan and stage > 1 and (w["heatmap"] > 0 or w["attention"] > 0)
     perc_on = w["perceptual"] > 0
+    adv_on = w["adversarial"] > 0  # with no adversarial term the critic is not trained either
 
     def step_fn(state: TrainState, batch, alpha, vgg_params, fan_vars):
         lr, hr = batch["lr"], batch["hr"]
@@ -138,7 +139,8 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
                                 step=stage, alpha=alpha, train=True, mutable=["batch_stats"])
             terms = {t: jnp.zeros((), jnp.float32) for t in METRIC_TERMS}
             terms["pixel"] = losses.pixel_loss(fake, hr, pixel_kind)
-            terms["adversarial"] = -jnp.mean(d_apply(state.d_params, fake))
+            if adv_on:
+                terms["adversarial"] = -jnp.mean(d_apply(state.d_params, fake))
             if perc_on:
                 n = fake.shape[0]
                 feats = vgg_net.apply({"params": vgg_params},
@@ -156,25 +158,32 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
             state.g_params)
         g_params, g_opt = _apply_groups(tx, g_grads, state.g_opt, state.g_params, G_GROUPS, stage)
 
-        # Discriminator update on a fresh G(x) from the updated generator (train-mode
-        # BatchNorm, which updates the running statistics a second time, as the
-        # authors' code does).
-        fake, upd = g.apply({"params": g_params, "batch_stats": g_stats}, lr, step=stage,
-                            alpha=alpha, train=True, mutable=["batch_stats"])
-        fake = jax.lax.stop_gradient(fake)
-        g_stats = upd["batch_stats"]
-        eps = jax.random.uniform(key, (hr.shape[0], 1, 1, 1), jnp.float32)
+        if adv_on:
+            # Discriminator update on a fresh G(x) from the updated generator (train-mode
+            # BatchNorm, which updates the running statistics a second time, as the
+            # authors' code does).
+            fake, upd = g.apply({"params": g_params, "batch_stats": g_stats}, lr, step=stage,
+                                alpha=alpha, train=True, mutable=["batch_stats"])
+            fake = jax.lax.stop_gradient(fake)
+            g_stats = upd["batch_stats"]
+            eps = jax.random.uniform(key, (hr.shape[0], 1, 1, 1), jnp.float32)
 
-        def d_loss_fn(d_params):
-            return losses.discriminator_loss(lambda x: d_apply(d_params, x), hr, fake, eps,
-                                             config.loss.gp_weight, config.loss.drift)
+            def d_loss_fn(d_params):
+                return losses.discriminator_loss(lambda x: d_apply(d_params, x), hr, fake, eps,
+                                                 config.loss.gp_weight, config.loss.drift)
 
-        (d_loss, d_aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.d_params)
-        d_params, d_opt = _apply_groups(tx, d_grads, state.d_opt, state.d_params, D_GROUPS, stage)
+            (d_loss, d_aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.d_params)
+            d_params, d_opt = _apply_groups(tx, d_grads, state.d_opt, state.d_params, D_GROUPS,
+                                            stage)
+            d_grad_norm = optax.tree_utils.tree_l2_norm(d_grads)
+        else:
+            zero = jnp.zeros((), jnp.float32)
+            d_loss, d_grad_norm, d_params, d_opt = zero, zero, state.d_params, state.d_opt
+            d_aux = {"d_real": zero, "d_fake": zero, "gradient_penalty": zero}
 
         metrics = dict(terms)
-        metrics.update(g_loss=g_loss, d_loss=d_loss, g_grad_norm=optax.global_norm(g_grads),
-                       d_grad_norm=optax.global_norm(d_grads), **d_aux)
+        metrics.update(g_loss=g_loss, d_loss=d_loss, g_grad_norm=optax.tree_utils.tree_l2_norm(g_grads),
+                       d_grad_norm=d_grad_norm, **d_aux)
         bits = sum(jnp.where(jnp.isfinite(metrics[n]), 0, 1 << i) for i, n in enumerate(CHECKED))
         ok = (bits == 0) & (state.bad_step < 0)
         new = state.replace(step=state.step + 1, g_params=g_params, g_stats=g_stats,

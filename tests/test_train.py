@@ -251,3 +251,14 @@ def test_inference_load_of_empty_directory_is_refused(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(UserError, match="no checkpoint"):
         inference.load(str(tmp_path))
+
+
+def test_zero_adversarial_weight_skips_the_critic(step_setup):
+    c, state, g, d, fan, fan_vars, vgg_params = step_setup
+    c = tiny_config(**{"loss.stage1.adversarial": 0.0})
+    batch = {"lr": np.zeros((2, 16, 16, 3), np.float32), "hr": np.zeros((2, 32, 32, 3), np.float32)}
+    new, m = jax.jit(train.make_train_step(c, g, d, 1, False, None))(
+        state, batch, np.float32(1.0), vgg_params, None)
+    assert float(m["d_loss"]) == 0.0 and float(m["adversarial"]) == 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(new.d_params), jax.tree_util.tree_leaves(state.d_params)):
+        np.testing.assert_array_equal(a, b)
