@@ -69,6 +69,11 @@ class TrainState:
     bad_terms: jnp.ndarray  # bitmask over metric names (see nonfinite_names)
 
 
+def _global_norm(tree) -> jnp.ndarray:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                        for x in jax.tree_util.tree_leaves(tree)))
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     o = config.optim
     return optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps)
@@ -175,14 +180,14 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
             (d_loss, d_aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.d_params)
             d_params, d_opt = _apply_groups(tx, d_grads, state.d_opt, state.d_params, D_GROUPS,
                                             stage)
-            d_grad_norm = optax.tree_utils.tree_l2_norm(d_grads)
+            d_grad_norm = _global_norm(d_grads)
         else:
             zero = jnp.zeros((), jnp.float32)
             d_loss, d_grad_norm, d_params, d_opt = zero, zero, state.d_params, state.d_opt
             d_aux = {"d_real": zero, "d_fake": zero, "gradient_penalty": zero}
 
         metrics = dict(terms)
-        metrics.update(g_loss=g_loss, d_loss=d_loss, g_grad_norm=optax.tree_utils.tree_l2_norm(g_grads),
+        metrics.update(g_loss=g_loss, d_loss=d_loss, g_grad_norm=_global_norm(g_grads),
                        d_grad_norm=d_grad_norm, **d_aux)
         bits = sum(jnp.where(jnp.isfinite(metrics[n]), 0, 1 << i) for i, n in enumerate(CHECKED))
         ok = (bits == 0) & (state.bad_step < 0)
