@@ -113,6 +113,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 1.0  # 1.0 = the released architecture (321,412 parameters)
+    # Multiplies the initial weights and bias of the last convolution (PyTorch's default
+    # uniform init); see create_state.  1.0: the plain default init.
+    c.model.output_init_scale = 1.0
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "celeba"  # 'celeba' | 'folder' | 'synthetic' | 'tfds' (as in config_lib)
@@ -146,8 +149,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         # The released architecture in about 15 minutes on 2 CPU cores, validation
         # included: a larger learning rate with a cosine decay makes up for the
         # few iterations; batch 8 gives twice the updates of batch 16 per second.
+        c.model.output_init_scale = 0.01
         c.batch_size = 8
-        c.steps = 600
+        c.steps = 400
         c.lr = 2e-3
         c.lr_schedule = "cosine"
         c.warmup_steps = 20
@@ -204,6 +208,8 @@ def validate(config, num_devices: int = 1) -> None:
         bad(f"warmup_steps must be an integer in [0, steps), got {config.warmup_steps!r}")
     if not config.model.width > 0:
         bad(f"model.width must be > 0, got {config.model.width}")
+    if not config.model.output_init_scale >= 0:
+        bad(f"model.output_init_scale must be >= 0, got {config.model.output_init_scale}")
     if config.data.source not in ("synthetic", "celeba", "folder", "tfds"):
         bad(f"data.source must be 'synthetic', 'celeba', 'folder' or 'tfds', "
             f"got {config.data.source!r}")
@@ -397,14 +403,27 @@ def create_state(config, module) -> DistillState:
     :mod:`progsr_jax.layers`), drawn from ``seed`` with JAX's ``rbg`` PRNG:
     with the default threefry generator the initialisation alone takes longer
     to compile on a CPU than the whole train step.
+
+    ``model.output_init_scale`` multiplies the last convolution's initial
+    weights and bias.  With the default init the untrained student's heatmaps
+    are about 0.35 (std) everywhere while the teacher's are about 0 except at
+    68 small peaks; the first iterations then have gradients about 100x larger
+    than later ones, which Adam's second-moment estimate (b2 = 0.999) remembers
+    for thousands of iterations, shrinking every later step.  Starting near
+    zero (0.01) avoids that: on CelebA the student reaches in 150 iterations
+    a validation NME (about 8%) that the default init does not reach in 200
+    (about 27%).
     """
     shape = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    scale = float(config.model.output_init_scale)
 
     def init(key):
         variables = module.lazy_init(key, shape)  # no forward pass, only the variables
-        return DistillState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+        params = dict(variables["params"])
+        params["layers_9"] = jax.tree_util.tree_map(lambda p: p * scale, params["layers_9"])
+        return DistillState(step=jnp.zeros((), jnp.int32), params=params,
                             batch_stats=variables["batch_stats"],
-                            opt_state=make_optimizer(config).init(variables["params"]))
+                            opt_state=make_optimizer(config).init(params))
 
     return jax.jit(init)(jax.random.key(config.seed, impl="rbg"))
 
