@@ -206,3 +206,37 @@ def test_celeba_released_teacher_matches_itself(tmp_path, celeba_root, distilled
     c.teacher_heatmaps = str(hm)
     with pytest.raises(UserError, match="none of the 16 images of celeba split 'train'"):
         distill.train_and_evaluate(c, str(tmp_path / "w"))
+
+
+def test_tap_gradients_and_output_init():
+    from flax import linen as nn
+
+    from progsr_jax.fan import StudentFAN
+
+    c = distill.get_config("smoke")
+    module = StudentFAN(width=0.125)
+    state = distill.create_state(c, module)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    y = jax.random.uniform(jax.random.PRNGKey(2), (2, 16, 16, 68))
+
+    def loss(params):
+        out, _ = module.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                              train=True, mutable=["batch_stats"])
+        return jax.numpy.mean((out - y) ** 2)
+
+    def tap_loss(params):
+        with nn.intercept_methods(distill._tap_grad_interceptor):
+            return loss(params)
+
+    want = jax.jit(jax.value_and_grad(loss))(state.params)
+    got = jax.jit(jax.value_and_grad(tap_loss))(state.params)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+    c.model.output_init_scale = 0.01
+    small = distill.create_state(c, module)
+    np.testing.assert_allclose(small.params["layers_9"]["weight"],
+                               0.01 * np.asarray(state.params["layers_9"]["weight"]), rtol=1e-6)
+    np.testing.assert_array_equal(small.params["layers_6"]["weight"],
+                                  state.params["layers_6"]["weight"])
