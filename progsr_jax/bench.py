@@ -3,6 +3,7 @@
     python -m progsr_jax.bench --stage=3 --batch_size=4 --steps=5 [--dtype=bfloat16]
     python -m progsr_jax.bench --stage=3 --batch_size=4 --steps=5 --torch   # PyTorch eager
     python -m progsr_jax.bench --mode=inference --batch_size=64 --steps=20
+    python -m progsr_jax.bench --suite [--out=bench.jsonl]     # JAX vs PyTorch, stages 1-3
 
 Training mode times the real jitted iteration of ``progsr_jax.train`` (G update
 with pixel, perceptual, adversarial, heatmap and attention losses, then the D
@@ -10,6 +11,12 @@ update with WGAN-GP) at the given stage, alpha < 1 at stages 2-3 (the fade-in
 path, the most expensive), FAN weights random (speed does not depend on them).
 ``--torch`` times ``progsr_jax.torch_reference.train_iteration``, the same
 iteration in PyTorch eager, on the same machine.  Prints one JSON line.
+
+``--suite`` runs JAX and PyTorch at stages 1-3 (batch ``--batch_size``) and
+the inference benchmark, each in its own process, then prints a table with
+the JAX/PyTorch speed-ups and the time the paper's 200k-iteration schedule
+would take at the measured speeds (``tools/bench_gpu.sh`` runs it on a GPU;
+about 3-5 minutes there).
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ _TORCH = flags.DEFINE_bool("torch", False, "Time the PyTorch eager reference ins
 _FAN = flags.DEFINE_bool("fan", True, "Include the heatmap and attention losses (stages 2-3).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "inference"], "What to time.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = default).")
+_SUITE = flags.DEFINE_bool("suite", False, "JAX vs PyTorch at stages 1-3 plus inference.")
+_OUT = flags.DEFINE_string("out", None, "--suite: also append the JSON lines to this file.")
+_TIMEOUT = flags.DEFINE_integer("timeout", 900, "--suite: seconds allowed per measurement.")
+_PEAK = flags.DEFINE_float("peak_tflops", None,
+                           "Device peak TFLOP/s for the dtype; adds the fraction reached.")
 
 
 def _check():
@@ -116,6 +128,8 @@ def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan):
            "finite": bool(np.isfinite(float(m["g_loss"])))}
     if flops:
         out["achieved_tflops"] = flops / dt / 1e12
+        if _PEAK.value:
+            out["fraction_of_peak"] = out["achieved_tflops"] / _PEAK.value
     return out
 
 
@@ -208,10 +222,83 @@ def bench_torch(stage, batch_size, steps, warmup, width, use_fan, mode, threads)
             "threads": torch.get_num_threads()}
 
 
+def _run_one(args: list[str]) -> dict:
+    """One measurement in a fresh process (separate memory, compile caches, threads)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "progsr_jax.bench", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {_TIMEOUT.value} s", "args": args}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail, "args": args}
+    return json.loads(lines[-1])
+
+
+def run_suite() -> list[dict]:
+    from progsr_jax import config_lib
+
+    common = [f"--batch_size={_BATCH.value}", f"--steps={_STEPS.value}",
+              f"--warmup={_WARMUP.value}", f"--width={_WIDTH.value}"]
+    if _D_WIDTH.value is not None:
+        common.append(f"--d_width={_D_WIDTH.value}")
+    jobs = []
+    for stage in (1, 2, 3):
+        jobs.append(("jax", stage, [f"--stage={stage}", f"--dtype={_DTYPE.value}", *common]))
+        jobs.append(("torch", stage, [f"--stage={stage}", "--torch", *common]))
+    inf = [f"--batch_size={max(_BATCH.value, 64)}", f"--steps={max(_STEPS.value, 10)}",
+           f"--width={_WIDTH.value}", "--mode=inference"]
+    jobs.append(("jax", "inference", [*inf, f"--dtype={_DTYPE.value}"]))
+    jobs.append(("torch", "inference", [*inf, "--torch"]))
+    results = []
+    for framework, what, args in jobs:
+        t0 = time.perf_counter()
+        res = _run_one(args)
+        res.setdefault("framework", framework)
+        res["what"] = what
+        results.append(res)
+        line = json.dumps(res)
+        print(line, flush=True)
+        if _OUT.value:
+            with open(_OUT.value, "a") as f:
+                f.write(line + "\n")
+        print(f"# {framework} {what}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def speed(fw, what):
+        for r in results:
+            if r.get("framework") == fw and r["what"] == what and "error" not in r:
+                return r["images_per_sec"]
+        return None
+
+    steps = config_lib.base_config().stage_steps
+    print(f"\n| | JAX img/s | PyTorch img/s | JAX / PyTorch |")
+    print("|---|---|---|---|")
+    total = {"jax": 0.0, "torch": 0.0}
+    for stage in (1, 2, 3):
+        j, t = speed("jax", stage), speed("torch", stage)
+        ratio = f"{j / t:.2f}x" if j and t else "-"
+        print(f"| stage {stage}, batch {_BATCH.value} | {j or 0:.2f} | {t or 0:.2f} | {ratio} |")
+        for fw, v in (("jax", j), ("torch", t)):
+            total[fw] = total[fw] + steps[stage - 1] * _BATCH.value / v if v else float("nan")
+    j, t = speed("jax", "inference"), speed("torch", "inference")
+    ratio = f"{j / t:.2f}x" if j and t else "-"
+    print(f"| inference 16->128 (faces/s) | {j or 0:.1f} | {t or 0:.1f} | {ratio} |")
+    print(f"\nPaper schedule ({sum(steps):,} iterations of batch {_BATCH.value}) at these "
+          f"speeds: JAX {total['jax'] / 3600:.2f} h, PyTorch {total['torch'] / 3600:.2f} h")
+    return results
+
+
 def _main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     _check()
+    if _SUITE.value:
+        run_suite()
+        return
     if _TORCH.value:
         out = bench_torch(_STAGE.value, _BATCH.value, _STEPS.value, _WARMUP.value, _WIDTH.value,
                           _FAN.value, _MODE.value, _THREADS.value)

@@ -50,6 +50,18 @@ def load_vgg16_features_params(dtype=np.float32) -> dict:
             for i in range(n_convs)}
 
 
+def max_pool2(x):
+    """2x2 max pooling, stride 2, as a reshape and a max.
+
+    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``; its gradient is
+    an elementwise mask, where XLA:CPU's gradient of ``reduce_window`` (a
+    select-and-scatter) is about 3x slower.  The gradients differ only where
+    two entries of a window tie exactly (split here, all to one there).
+    """
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class VGG16Features(nn.Module):
     """torchvision VGG16 ``features`` up to relu4_3; returns [relu1_2, relu2_2, relu3_3, relu4_3].
 
@@ -65,7 +77,7 @@ class VGG16Features(nn.Module):
         x = x.astype(self.dtype)
         for i, v in enumerate(_CFG):
             if v == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool2(x)
             else:
                 x = nn.relu(nn.Conv(v, (3, 3), padding=1, dtype=self.dtype)(x))
                 if i in _TAPS:

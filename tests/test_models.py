@@ -155,3 +155,33 @@ def test_state_dict_round_trip_and_refusal(paper_models):
     from progsr_jax.errors import UserError
     with pytest.raises(UserError, match=r"step2\.0\.conv\.1\.running_var"):
         convert.state_dict_to_variables(sd, gv, models.G_CONV_TRANSPOSE)
+
+
+def test_vgg_features_and_input_gradient_match_torchvision_layout():
+    """VGG16Features (reshape max-pool) vs torchvision-layout VGG16 on the same weights."""
+    from progsr_jax import torch_reference as tr
+    from progsr_jax import vgg
+
+    params = vgg.load_vgg16_features_params()
+    net = tr.VGG16Features()
+    tr.load_flax_vgg_into(net, params)
+    x = np.random.default_rng(3).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    y = np.random.default_rng(4).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+
+    def loss_jax(a):
+        fa = vgg.VGG16Features().apply({"params": params}, a)
+        fb = vgg.VGG16Features().apply({"params": params}, y)
+        return sum(jnp.mean(jnp.square(p - q)) for p, q in zip(fa, fb)), fa
+
+    (lj, feats), gj = jax.value_and_grad(loss_jax, has_aux=True)(x)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    ft = net(xt)
+    fr = net(torch.from_numpy(y.transpose(0, 3, 1, 2).copy()))
+    lt = sum(torch.mean((p - q.detach()) ** 2) for p, q in zip(ft, fr))
+    lt.backward()
+    for a, b in zip(feats, ft):
+        np.testing.assert_allclose(np.asarray(a), b.detach().numpy().transpose(0, 2, 3, 1),
+                                   rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float(lj), lt.item(), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(gj), xt.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-3, atol=1e-6 * float(np.abs(gj).max()) + 1e-9)

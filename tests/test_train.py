@@ -262,3 +262,32 @@ def test_zero_adversarial_weight_skips_the_critic(step_setup):
     assert float(m["d_loss"]) == 0.0 and float(m["adversarial"]) == 0.0
     for a, b in zip(jax.tree_util.tree_leaves(new.d_params), jax.tree_util.tree_leaves(state.d_params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_step_tracks_float32_and_keeps_float32_state(step_setup):
+    """model.dtype=bfloat16: bf16 compute, float32 parameters and Adam state, finite GP."""
+    c, state, g, d, fan, fan_vars, vgg_params = step_setup
+    c16 = tiny_config(**{"model.dtype": "bfloat16"})
+    state16, g16, d16 = train.create_train_state(c16, jax.random.PRNGKey(0))
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(state16.g_params), leaves(state.g_params)):  # same initial weights
+        np.testing.assert_array_equal(a, b)
+    rng = np.random.default_rng(7)
+    batch = {"lr": rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
+             "hr": rng.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)}
+    args = (batch, np.float32(0.5), vgg_params, fan_vars)
+    new32, m32 = jax.jit(train.make_train_step(c, g, d, 2, True, fan))(state, *args)
+    new16, m16 = jax.jit(train.make_train_step(c16, g16, d16, 2, True, fan))(state16, *args)
+    assert int(new16.bad_step) == -1
+    for x in leaves((new16.g_params, new16.d_params, new16.g_opt, new16.d_opt, new16.g_stats)):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            assert x.dtype == jnp.float32
+    for name in ("pixel", "perceptual", "adversarial", "heatmap", "attention", "g_loss",
+                 "d_real", "d_fake", "gradient_penalty", "d_loss"):
+        a, b = float(m16[name]), float(m32[name])
+        assert np.isfinite(a), name
+        assert abs(a - b) <= 0.05 * abs(b) + 1e-3, (name, a, b)
+    # One Adam step moves each weight by about lr in both precisions.
+    du32 = np.asarray(new32.g_params["step1_0"]["weight"] - state.g_params["step1_0"]["weight"])
+    du16 = np.asarray(new16.g_params["step1_0"]["weight"] - state16.g_params["step1_0"]["weight"])
+    assert np.mean(np.sign(du32) == np.sign(du16)) > 0.9
