@@ -275,7 +275,7 @@ def run_suite() -> list[dict]:
         return None
 
     steps = config_lib.base_config().stage_steps
-    print(f"\n| | JAX img/s | PyTorch img/s | JAX / PyTorch |")
+    print("\n| | JAX img/s | PyTorch img/s | JAX / PyTorch |")
     print("|---|---|---|---|")
     total = {"jax": 0.0, "torch": 0.0}
     for stage in (1, 2, 3):
