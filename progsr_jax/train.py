@@ -264,7 +264,6 @@ def _to_float_images(u8: np.ndarray) -> np.ndarray:
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Trains stages ``start_stage..final_stage`` in ``workdir``; resumes if it holds a checkpoint."""
-    from progsr_jax import data as data_lib
     from progsr_jax import reporting
 
     devices = jax.devices()
@@ -274,6 +273,15 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         raise UserError(f"workdir {workdir} is not writable")
     ckpt_lib.check_or_write_config(workdir, config)
     reporter = reporting.Reporter(workdir)
+    try:  # the log files and TensorBoard writer are closed however the run ends
+        return _train(config, workdir, devices, reporter)
+    finally:
+        reporter.close()
+
+
+def _train(config, workdir: str, devices, reporter) -> TrainState:
+    from progsr_jax import data as data_lib
+
     reporter.info(f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}); "
                   f"process {jax.process_index()} of {jax.process_count()}")
 
@@ -351,11 +359,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                         manager.wait_until_finished()
                         reporter.info(f"stopped by signal {stop.signal} at iteration {done}; "
                                       "checkpoint saved, re-run the same command to resume")
-                        reporter.close()
                         raise SystemExit(0)
     manager.wait_until_finished()
     reporter.info(f"finished {total} iterations in {time.time() - start_time:.0f} s")
-    reporter.close()
     return state
 
 
