@@ -17,6 +17,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from progsr_jax import data, distill, landmarks, teacher
@@ -120,6 +121,32 @@ def test_smoke_end_to_end(trained):
     result = distill.evaluate_only(c, str(one), None)
     assert result["val_nme64_pct"] == pytest.approx(val[-1]["val_nme64_pct"])
     assert json.loads((one / "eval_nme.json").read_text())["fan_step"] == 12
+
+
+@pytest.mark.slow
+def test_student_plugs_into_super_resolution_training(tmp_path, trained):
+    """--config.fan.checkpoint=<distillation workdir>: the heatmap and attention losses use it."""
+    from progsr_jax import config_lib, train
+
+    _, one, _ = trained
+    c = config_lib.recipe(2, "smoke")
+    c.model.width = 0.0625
+    c.batch_size = 2
+    c.stage_steps = (1, 2, 0)
+    c.fade_steps = 1
+    c.log_every = 1
+    c.checkpoint_every = 100
+    c.sample_every = 100
+    c.num_samples = 2
+    c.data.num_synthetic = 8
+    c.data.num_workers = 0
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.fan.checkpoint = str(one)
+    train.train_and_evaluate(c, str(tmp_path / "sr"))
+    assert f"heatmap and attention losses use the FAN at {one}" in (
+        tmp_path / "sr" / "log.txt").read_text()
+    recs = [r for r in _metrics(tmp_path / "sr") if r.get("stage") == 2 and "heatmap" in r]
+    assert recs and all(r["heatmap"] > 0 and r["attention"] > 0 for r in recs)
 
 
 def test_resume_is_exact(tmp_path, trained):
@@ -247,7 +274,7 @@ def test_straight_through_output_gradient():
     from progsr_jax.fan import StudentFAN
 
     c = distill.get_config("smoke")
-    c.output_grad, c.conv_grad = "straight_through", "xla"
+    c.output_grad, c.conv_grad, c.kl_weight = "straight_through", "xla", 0.0
     module = StudentFAN(width=0.125)
     state = distill.create_state(c, module)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
@@ -302,3 +329,46 @@ def test_spatial_softmax_kl_term():
     c.kl_weight, c.teacher_heatmaps = -1.0, "hm"
     with pytest.raises(UserError, match="kl_weight"):
         distill.validate(c)
+
+
+def test_muon_orthogonalises_the_convolutions_and_adam_updates_the_rest():
+    from progsr_jax.fan import StudentFAN
+
+    c = distill.get_config("smoke")
+    assert c.optimizer == "muon" and distill.get_config("cpu").optimizer == "muon"
+    assert distill.get_config().optimizer == "adam"  # the paper's recipe
+    state = distill.create_state(c, StudentFAN(width=0.25))
+    params = jax.device_get(state.params)
+    dims = distill.muon_dimensions(params)
+    for layer, leaves in params.items():
+        for name, p in leaves.items():
+            muon = name == "weight" and p.ndim == 4 and layer != "layers_9"
+            assert (dims[layer][name] is not None) == muon, (layer, name)
+    assert sum(d["weight"] is not None for d in dims.values()) == 4  # conv, layers_0/3/6
+
+    # gradients whose singular values span 3 orders of magnitude
+    rng = np.random.default_rng(0)
+
+    def skewed(p):
+        g = rng.standard_normal(p.shape).astype(np.float32)
+        return g * np.logspace(0, -3, p.shape[-1], dtype=np.float32)
+
+    grads = jax.tree_util.tree_map(skewed, params)
+    tx = distill.make_optimizer(c)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    w = np.asarray(updates["layers_6"]["weight"])
+    s = np.linalg.svd(w.reshape(-1, w.shape[-1]), compute_uv=False)
+    g = grads["layers_6"]["weight"]
+    sg = np.linalg.svd(g.reshape(-1, g.shape[-1]), compute_uv=False)
+    assert sg.max() / sg.min() > 500
+    # orthogonalised (approximately: 5 Newton-Schulz iterations): every direction of the
+    # weight moves at a similar rate, whatever the gradient's spread
+    assert s.max() / s.min() < 5
+    # the last layer, biases and BatchNorm get Adam's step (with Nesterov momentum, as in
+    # optax's Muon)
+    adam = optax.adam(c.lr, b1=c.b1, b2=c.b2, eps=c.eps, nesterov=True)
+    want, _ = adam.update(grads, adam.init(params), params)
+    for layer, name in (("layers_9", "weight"), ("layers_9", "bias"), ("layers_6", "bias"),
+                        ("layers_7", "weight")):
+        np.testing.assert_allclose(np.asarray(updates[layer][name]),
+                                   np.asarray(want[layer][name]), rtol=1e-5, atol=1e-10)
