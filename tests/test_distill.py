@@ -126,20 +126,12 @@ def test_smoke_end_to_end(trained):
 @pytest.mark.slow
 def test_student_plugs_into_super_resolution_training(tmp_path, trained):
     """--config.fan.checkpoint=<distillation workdir>: the heatmap and attention losses use it."""
-    from progsr_jax import config_lib, train
+    from test_train import tiny_config  # the tests directory is on sys.path (pytest rootdir)
+
+    from progsr_jax import train
 
     _, one, _ = trained
-    c = config_lib.recipe(2, "smoke")
-    c.model.width = 0.0625
-    c.batch_size = 2
-    c.stage_steps = (1, 2, 0)
-    c.fade_steps = 1
-    c.log_every = 1
-    c.checkpoint_every = 100
-    c.sample_every = 100
-    c.num_samples = 2
-    c.data.num_synthetic = 8
-    c.data.num_workers = 0
+    c = tiny_config(final_stage=2, stage_steps=(1, 2, 0))
     c.data.cache_dir = str(tmp_path / "cache")
     c.fan.checkpoint = str(one)
     train.train_and_evaluate(c, str(tmp_path / "sr"))
