@@ -21,6 +21,12 @@ import os
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 
+def ynn_flag_set(environ=None) -> bool:
+    """Whether ``XLA_FLAGS`` sets the YNNPACK fusion flag (by :func:`apply` or the user)."""
+    environ = os.environ if environ is None else environ
+    return CPU_FLAGS[0].split("=", 1)[0] in environ.get("XLA_FLAGS", "")
+
+
 def apply(environ=None) -> list[str]:
     """Append :data:`CPU_FLAGS` to ``XLA_FLAGS``; returns the flags it added."""
     environ = os.environ if environ is None else environ

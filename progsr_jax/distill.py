@@ -67,6 +67,7 @@ Workdir contents
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -86,8 +87,10 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from progsr_jax import _xla_cpu
 from progsr_jax import checkpoint as ckpt_lib
 from progsr_jax.errors import UserError, run_cli
+from progsr_jax.fan import LEAKY_SLOPE, OUTPUT_LAYER
 
 log = logging.getLogger("progsr_jax")
 
@@ -95,7 +98,6 @@ FORMAT = "progsr_jax/distill/1"
 STUDENT_KIND = "student_fan"  # what progsr_jax.landmarks expects in fan_meta.json
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "muon")
-LEAKY_SLOPE = 0.01  # negative slope of the student's final LeakyReLU (progsr_jax.fan)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -454,14 +456,14 @@ def learning_rate(config) -> optax.Schedule:
 
 def muon_dimensions(params) -> dict:
     """Which parameters Muon updates: the (kh, kw, in, out) weights of every convolution
-    but the last (``layers_9``), each as a (kh * kw * in, out) matrix; None: Adam."""
+    but the last (``OUTPUT_LAYER``), each as a (kh * kw * in, out) matrix; None: Adam."""
     from optax.contrib import MuonDimensionNumbers
 
     matrix = MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
 
     def dims(layer, name, p):
         is_conv = name == "weight" and getattr(p, "ndim", 0) == 4
-        return matrix if is_conv and layer != "layers_9" else None
+        return matrix if is_conv and layer != OUTPUT_LAYER else None
 
     return {layer: {name: dims(layer, name, p) for name, p in leaves.items()}
             for layer, leaves in params.items()}
@@ -518,7 +520,7 @@ def create_state(config, module) -> DistillState:
     def init(key):
         variables = module.lazy_init(key, shape)  # no forward pass, only the variables
         params = dict(variables["params"])
-        params["layers_9"] = jax.tree_util.tree_map(lambda p: p * scale, params["layers_9"])
+        params[OUTPUT_LAYER] = jax.tree_util.tree_map(lambda p: p * scale, params[OUTPUT_LAYER])
         return DistillState(step=jnp.zeros((), jnp.int32), params=params,
                             batch_stats=variables["batch_stats"],
                             opt_state=make_optimizer(config).init(params))
@@ -586,8 +588,7 @@ def _tap_grad_interceptor(next_fun, args, kwargs, context):
 def use_tap_grad(config) -> bool:
     """Whether the train step uses :func:`conv_tap_grad` (``conv_grad``: see above for auto)."""
     if config.conv_grad == "auto":
-        ynn = "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
-        return jax.default_backend() == "cpu" and (_cpu_cores() < 2 or not ynn)
+        return jax.default_backend() == "cpu" and (_cpu_cores() < 2 or not _xla_cpu.ynn_flag_set())
     return config.conv_grad == "taps"
 
 
@@ -657,10 +658,8 @@ def make_train_step(config, module):
 
     def step_fn(state: DistillState, x, y):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        if taps:
-            with nn.intercept_methods(_tap_grad_interceptor):
-                (loss, (stats, terms)), grads = grad_fn(state.params, state.batch_stats, x, y)
-        else:
+        with (nn.intercept_methods(_tap_grad_interceptor) if taps
+              else contextlib.nullcontext()):
             (loss, (stats, terms)), grads = grad_fn(state.params, state.batch_stats, x, y)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),

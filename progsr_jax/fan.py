@@ -30,10 +30,12 @@ from progsr_jax.layers import BatchNorm2d, Conv2d
 NUM_LANDMARKS = 68
 STUDENT_FAN_PARAMS = 321_412
 _CHANNELS = (32, 64, 128, 128)
+LEAKY_SLOPE = 0.01  # negative slope of every LeakyReLU, the output's included
+OUTPUT_LAYER = "layers_9"  # the last convolution (68 heatmaps)
 
 
 def _leaky_relu(x):
-    return jax.nn.leaky_relu(x, negative_slope=0.01)
+    return jax.nn.leaky_relu(x, negative_slope=LEAKY_SLOPE)
 
 
 class StudentFAN(nn.Module):
@@ -54,7 +56,7 @@ class StudentFAN(nn.Module):
             x = Conv2d(feats, 3, 1, dtype=self.dtype, name=f"layers_{conv_idx}")(x)
             x = BatchNorm2d(dtype=self.dtype, name=f"layers_{conv_idx + 1}")(x, train=train)
             x = _leaky_relu(x)
-        x = Conv2d(NUM_LANDMARKS, 3, 1, dtype=self.dtype, name="layers_9")(x)
+        x = Conv2d(NUM_LANDMARKS, 3, 1, dtype=self.dtype, name=OUTPUT_LAYER)(x)
         return _leaky_relu(x)
 
 
