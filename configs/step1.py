@@ -1,16 +1,17 @@
-"""Progressive face SR trained up to stage 1 (32x32 output).
+r"""Progressive face super-resolution trained up to stage 1 (16x16 -> 32x32).
 
-Paper recipe (50k iterations per stage at stages 1-2, 100k at stage 3, batch 16)::
+    python -m progsr_jax.main --config=configs/step1.py --workdir=/runs/pfsr_step1 \
+        --config.data.root=/path/to/celeba
 
-    python -m progsr_jax.main --config=configs/step1.py --workdir=/tmp/progsr_step1 \
-        --config.data.root=/path/to/celeba [--config.fan.checkpoint=/path/to/converted_fan]
-
-Variants: `configs/step1.py:smoke` (built-in synthetic faces, tiny model, minutes on a
-CPU) and `configs/step1.py:cpu` (real faces, a budget for 2 CPU cores).
+The recipe of ``configs/step3.py`` (read it for every field and the paper's
+numbers), stopped after stage 1: 50k iterations of batch 16.  Variants as
+there: ``:paper``, ``:cpu``, ``:smoke``.
 """
 
-from progsr_jax.config_lib import recipe
+from progsr_jax.training.config import sibling
 
 
-def get_config(arg=None):
-    return recipe(1, arg)
+def get_config(variant="paper"):
+    c = sibling(__file__, "step3.py", variant)
+    c.final_stage = 1
+    return c

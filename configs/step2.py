@@ -1,16 +1,17 @@
-"""Progressive face SR trained up to stage 2 (64x64 output).
+r"""Progressive face super-resolution trained up to stage 2 (16x16 -> 64x64).
 
-Paper recipe (50k iterations per stage at stages 1-2, 100k at stage 3, batch 16)::
+    python -m progsr_jax.main --config=configs/step2.py --workdir=/runs/pfsr_step2 \
+        --config.data.root=/path/to/celeba
 
-    python -m progsr_jax.main --config=configs/step2.py --workdir=/tmp/progsr_step2 \
-        --config.data.root=/path/to/celeba [--config.fan.checkpoint=/path/to/converted_fan]
-
-Variants: `configs/step2.py:smoke` (built-in synthetic faces, tiny model, minutes on a
-CPU) and `configs/step2.py:cpu` (real faces, a budget for 2 CPU cores).
+The recipe of ``configs/step3.py`` (read it for every field and the paper's
+numbers), stopped after stage 2: 50k + 50k iterations of batch 16.  Variants as
+there: ``:paper``, ``:cpu``, ``:smoke``.
 """
 
-from progsr_jax.config_lib import recipe
+from progsr_jax.training.config import sibling
 
 
-def get_config(arg=None):
-    return recipe(2, arg)
+def get_config(variant="paper"):
+    c = sibling(__file__, "step3.py", variant)
+    c.final_stage = 2
+    return c

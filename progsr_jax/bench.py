@@ -5,11 +5,11 @@
     python -m progsr_jax.bench --mode=inference --batch_size=64 --steps=20
     python -m progsr_jax.bench --suite [--out=bench.jsonl]     # JAX vs PyTorch, stages 1-3
 
-Training mode times the real jitted iteration of ``progsr_jax.train`` (G update
+Training mode times the real jitted iteration of ``progsr_jax.training.sr`` (G update
 with pixel, perceptual, adversarial, heatmap and attention losses, then the D
 update with WGAN-GP) at the given stage, alpha < 1 at stages 2-3 (the fade-in
 path, the most expensive), FAN weights random (speed does not depend on them).
-``--torch`` times ``progsr_jax.torch_reference.train_iteration``, the same
+``--torch`` times ``progsr_jax.interop.pytorch.reference.train_iteration``, the same
 iteration in PyTorch eager, on the same machine.  Prints one JSON line.
 
 ``--suite`` runs JAX and PyTorch at stages 1-3 (batch ``--batch_size``) and
@@ -25,35 +25,44 @@ import json
 import platform
 import time
 
-from absl import app, flags
+from absl import flags
 
-from progsr_jax.errors import UserError, run_cli
-
-_STAGE = flags.DEFINE_integer("stage", 3, "Stage 1, 2 or 3.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Global batch size.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed iterations after warm-up.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed iterations (the first compiles).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_WIDTH = flags.DEFINE_float("width", 1.0, "Model width multiplier (1.0 = paper).")
-_D_WIDTH = flags.DEFINE_float("d_width", None, "Discriminator width multiplier (default: --width).")
-_TORCH = flags.DEFINE_bool("torch", False, "Time the PyTorch eager reference instead.")
-_FAN = flags.DEFINE_bool("fan", True, "Include the heatmap and attention losses (stages 2-3).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "inference"], "What to time.")
-_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = default).")
-_SUITE = flags.DEFINE_bool("suite", False, "JAX vs PyTorch at stages 1-3 plus inference.")
-_OUT = flags.DEFINE_string("out", None, "--suite: also append the JSON lines to this file.")
-_TIMEOUT = flags.DEFINE_integer("timeout", 900, "--suite: seconds allowed per measurement.")
-_PEAK = flags.DEFINE_float("peak_tflops", None,
-                           "Device peak TFLOP/s for the dtype; adds the fraction reached.")
+from progsr_jax import cli
+from progsr_jax.errors import UserError
 
 
-def _check():
-    if _STAGE.value not in (1, 2, 3):
-        raise UserError(f"--stage must be 1, 2 or 3, got {_STAGE.value}")
-    if _BATCH.value < 2:
-        raise UserError(f"--batch_size must be at least 2, got {_BATCH.value}")
-    if _STEPS.value < 1:
-        raise UserError(f"--steps must be >= 1, got {_STEPS.value}")
+def define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("stage", 3, "Stage 1, 2 or 3.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 16, "Global batch size.", flag_values=fv)
+    flags.DEFINE_integer("steps", 10, "Timed iterations after warm-up.", flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "Untimed iterations (the first compiles).", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.", flag_values=fv)
+    flags.DEFINE_float("width", 1.0, "Model width multiplier (1.0 = paper).", flag_values=fv)
+    flags.DEFINE_float("d_width", None, "Discriminator width multiplier (default: --width).",
+                       flag_values=fv)
+    flags.DEFINE_bool("torch", False, "Time the PyTorch eager reference instead.", flag_values=fv)
+    flags.DEFINE_bool("fan", True, "Include the heatmap and attention losses (stages 2-3).",
+                      flag_values=fv)
+    flags.DEFINE_enum("mode", "train", ["train", "inference"], "What to time.", flag_values=fv)
+    flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = default).", flag_values=fv)
+    flags.DEFINE_bool("suite", False, "JAX vs PyTorch at stages 1-3 plus inference.",
+                      flag_values=fv)
+    flags.DEFINE_string("out", None, "--suite: also append the JSON lines to this file.",
+                        flag_values=fv)
+    flags.DEFINE_integer("timeout", 900, "--suite: seconds allowed per measurement.",
+                         flag_values=fv)
+    flags.DEFINE_float("peak_tflops", None,
+                       "Device peak TFLOP/s for the dtype; adds the fraction reached.",
+                       flag_values=fv)
+
+
+def _check(fv):
+    if fv.stage not in (1, 2, 3):
+        raise UserError(f"--stage must be 1, 2 or 3, got {fv.stage}")
+    if fv.batch_size < 2:
+        raise UserError(f"--batch_size must be at least 2, got {fv.batch_size}")
+    if fv.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {fv.steps}")
 
 
 def _device_info():
@@ -68,30 +77,34 @@ def _device_info():
     return devs, peak
 
 
-def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan):
+def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan, d_width=None,
+                    peak_tflops=None):
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from progsr_jax import config_lib, train, vgg
+    from progsr_jax import vgg
     from progsr_jax.fan import StudentFAN
+    from progsr_jax.training import config as config_files
+    from progsr_jax.training import core, sr_config
+    from progsr_jax.training import sr as train
 
-    config = config_lib.base_config()
+    config = config_files.load("step3.py")
     config.batch_size = batch_size
     config.model.width = width
-    config.model.d_width = _D_WIDTH.value
+    config.model.d_width = d_width
     config.model.dtype = dtype
     config.data.source = "synthetic"
     devices = jax.devices()
-    config_lib.validate(config, len(devices))
-    mesh = Mesh(np.array(devices), ("data",))
-    rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    sr_config.validate(config, len(devices))
+    shardings = core.data_parallel(devices)
+    rep, shard = shardings.replicated, shardings.batch
 
     state, g, d = train.create_train_state(config, jax.random.PRNGKey(0))
     state = jax.device_put(state, rep)
     vgg_params = jax.device_put(vgg.load_vgg16_features_params(), rep)
     fan = StudentFAN()
-    fan_vars = jax.device_put(fan.init(jax.random.PRNGKey(1), np.zeros((1, 64, 64, 3), np.float32)), rep)
+    fan_vars = jax.device_put(fan.init(jax.random.PRNGKey(1),
+                                       np.zeros((1, 64, 64, 3), np.float32)), rep)
     res = 16 * 2 ** stage
     rng = np.random.default_rng(0)
     batch = {"lr": rng.uniform(-1, 1, (batch_size, 16, 16, 3)).astype(np.float32),
@@ -113,7 +126,7 @@ def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan):
         pass
     for _ in range(warmup):
         state, m = compiled(state, batch, alpha, vgg_params, fan_vars)
-    jax.block_until_ready(m)
+        jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(steps):
         state, m = compiled(state, batch, alpha, vgg_params, fan_vars)
@@ -128,8 +141,8 @@ def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan):
            "finite": bool(np.isfinite(float(m["g_loss"])))}
     if flops:
         out["achieved_tflops"] = flops / dt / 1e12
-        if _PEAK.value:
-            out["fraction_of_peak"] = out["achieved_tflops"] / _PEAK.value
+        if peak_tflops:
+            out["fraction_of_peak"] = out["achieved_tflops"] / peak_tflops
     return out
 
 
@@ -166,7 +179,11 @@ def bench_torch(stage, batch_size, steps, warmup, width, use_fan, mode, threads)
         import torch
     except ImportError:
         raise UserError("--torch needs PyTorch: pip install 'progsr_jax[torch]'") from None
-    from progsr_jax import config_lib, torch_reference as tr, vgg
+    from progsr_jax import vgg
+    from progsr_jax.interop.pytorch import reference as tr
+    from progsr_jax.interop.pytorch.fan4 import FanSqueeze
+    from progsr_jax.training import config as config_files
+    from progsr_jax.training import sr_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -194,13 +211,14 @@ def bench_torch(stage, batch_size, steps, warmup, width, use_fan, mode, threads)
     tr.load_flax_vgg_into(vgg_net, vgg.load_vgg16_features_params())
     for p in vgg_net.parameters():
         p.requires_grad_(False)
-    fan = tr.StudentFAN().to(dev).eval() if use_fan else None
+    fan = FanSqueeze().to(dev).eval() if use_fan else None
     if fan is not None:
         for p in fan.parameters():
             p.requires_grad_(False)
     g_opt = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.99))
     d_opt = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.99))
-    weights = config_lib.PAPER_LOSS_WEIGHTS
+    paper = config_files.load("step3.py")
+    weights = {k: sr_config.loss_weights(paper, k) for k in (1, 2, 3)}
     res = 16 * 2 ** stage
     lr_img = torch.rand(batch_size, 3, 16, 16, device=dev) * 2 - 1
     hr_img = torch.rand(batch_size, 3, res, res, device=dev) * 2 - 1
@@ -217,21 +235,22 @@ def bench_torch(stage, batch_size, steps, warmup, width, use_fan, mode, threads)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
     return {"framework": "torch", "mode": "train", "stage": stage, "batch_size": batch_size,
             "width": width, "fan": use_fan, "images_per_sec": batch_size / dt, "step_time_s": dt,
-            "compile_s": 0.0, "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
+            "compile_s": 0.0,
+            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
             "num_devices": 1, "peak_memory_bytes": peak, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 
-def _run_one(args: list[str]) -> dict:
+def _run_one(args: list[str], timeout: int) -> dict:
     """One measurement in a fresh process (separate memory, compile caches, threads)."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "progsr_jax.bench", *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {_TIMEOUT.value} s", "args": args}
+        return {"error": f"timed out after {timeout} s", "args": args}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -239,32 +258,32 @@ def _run_one(args: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
-def run_suite() -> list[dict]:
-    from progsr_jax import config_lib
+def run_suite(fv) -> list[dict]:
+    from progsr_jax.training import config as config_files
 
-    common = [f"--batch_size={_BATCH.value}", f"--steps={_STEPS.value}",
-              f"--warmup={_WARMUP.value}", f"--width={_WIDTH.value}"]
-    if _D_WIDTH.value is not None:
-        common.append(f"--d_width={_D_WIDTH.value}")
+    common = [f"--batch_size={fv.batch_size}", f"--steps={fv.steps}",
+              f"--warmup={fv.warmup}", f"--width={fv.width}"]
+    if fv.d_width is not None:
+        common.append(f"--d_width={fv.d_width}")
     jobs = []
     for stage in (1, 2, 3):
-        jobs.append(("jax", stage, [f"--stage={stage}", f"--dtype={_DTYPE.value}", *common]))
+        jobs.append(("jax", stage, [f"--stage={stage}", f"--dtype={fv.dtype}", *common]))
         jobs.append(("torch", stage, [f"--stage={stage}", "--torch", *common]))
-    inf = [f"--batch_size={max(_BATCH.value, 64)}", f"--steps={max(_STEPS.value, 10)}",
-           f"--width={_WIDTH.value}", "--mode=inference"]
-    jobs.append(("jax", "inference", [*inf, f"--dtype={_DTYPE.value}"]))
+    inf = [f"--batch_size={max(fv.batch_size, 64)}", f"--steps={max(fv.steps, 10)}",
+           f"--width={fv.width}", "--mode=inference"]
+    jobs.append(("jax", "inference", [*inf, f"--dtype={fv.dtype}"]))
     jobs.append(("torch", "inference", [*inf, "--torch"]))
     results = []
     for framework, what, args in jobs:
         t0 = time.perf_counter()
-        res = _run_one(args)
+        res = _run_one(args, fv.timeout)
         res.setdefault("framework", framework)
         res["what"] = what
         results.append(res)
         line = json.dumps(res)
         print(line, flush=True)
-        if _OUT.value:
-            with open(_OUT.value, "a") as f:
+        if fv.out:
+            with open(fv.out, "a") as f:
                 f.write(line + "\n")
         print(f"# {framework} {what}: {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -274,47 +293,42 @@ def run_suite() -> list[dict]:
                 return r["images_per_sec"]
         return None
 
-    steps = config_lib.base_config().stage_steps
+    steps = config_files.load("step3.py").stage_steps
     print("\n| | JAX img/s | PyTorch img/s | JAX / PyTorch |")
     print("|---|---|---|---|")
     total = {"jax": 0.0, "torch": 0.0}
     for stage in (1, 2, 3):
         j, t = speed("jax", stage), speed("torch", stage)
         ratio = f"{j / t:.2f}x" if j and t else "-"
-        print(f"| stage {stage}, batch {_BATCH.value} | {j or 0:.2f} | {t or 0:.2f} | {ratio} |")
+        print(f"| stage {stage}, batch {fv.batch_size} | {j or 0:.2f} | {t or 0:.2f} | {ratio} |")
         for fw, v in (("jax", j), ("torch", t)):
-            total[fw] = total[fw] + steps[stage - 1] * _BATCH.value / v if v else float("nan")
+            total[fw] = total[fw] + steps[stage - 1] * fv.batch_size / v if v else float("nan")
     j, t = speed("jax", "inference"), speed("torch", "inference")
     ratio = f"{j / t:.2f}x" if j and t else "-"
     print(f"| inference 16->128 (faces/s) | {j or 0:.1f} | {t or 0:.1f} | {ratio} |")
-    print(f"\nPaper schedule ({sum(steps):,} iterations of batch {_BATCH.value}) at these "
+    print(f"\nPaper schedule ({sum(steps):,} iterations of batch {fv.batch_size}) at these "
           f"speeds: JAX {total['jax'] / 3600:.2f} h, PyTorch {total['torch'] / 3600:.2f} h")
     return results
 
 
-def _main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    _check()
-    if _SUITE.value:
-        run_suite()
-        return
-    if _TORCH.value:
-        out = bench_torch(_STAGE.value, _BATCH.value, _STEPS.value, _WARMUP.value, _WIDTH.value,
-                          _FAN.value, _MODE.value, _THREADS.value)
-    elif _MODE.value == "inference":
-        out = bench_jax_inference(_BATCH.value, _STEPS.value, _WARMUP.value, _DTYPE.value,
-                                  _WIDTH.value)
+def main(argv=None) -> int:
+    fv = cli.parse(argv, define, __doc__)
+    _check(fv)
+    if fv.suite:
+        run_suite(fv)
+        return 0
+    if fv.torch:
+        out = bench_torch(fv.stage, fv.batch_size, fv.steps, fv.warmup, fv.width, fv.fan, fv.mode,
+                          fv.torch_threads)
+    elif fv.mode == "inference":
+        out = bench_jax_inference(fv.batch_size, fv.steps, fv.warmup, fv.dtype, fv.width)
     else:
-        out = bench_jax_train(_STAGE.value, _BATCH.value, _STEPS.value, _WARMUP.value,
-                              _DTYPE.value, _WIDTH.value, _FAN.value)
+        out = bench_jax_train(fv.stage, fv.batch_size, fv.steps, fv.warmup, fv.dtype, fv.width,
+                              fv.fan, fv.d_width, fv.peak_tflops)
     out["host"] = platform.node()
     print(json.dumps(out))
-
-
-def main():
-    app.run(lambda argv: run_cli(lambda: _main(argv)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -11,7 +11,7 @@ of ``fan_model.fan_squeeze``; see ``shared/README.md``)::
 
 All convolutions have stride 1, so the output has the input's resolution.
 321,412 learnable parameters at width 1.0.  Flax names follow
-:mod:`progsr_jax.convert` (``layers.1.running_mean`` <->
+:mod:`progsr_jax.interop.state_dict` (``layers.1.running_mean`` <->
 ``batch_stats/layers_1/running_mean``).  Note: the released module was
 pickled in training mode (``training=True``); the heatmap loss here uses it in
 evaluation mode (running statistics) unless ``train=True`` is passed.
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from progsr_jax.landmarks import NUM_LANDMARKS
 from progsr_jax.layers import BatchNorm2d, Conv2d
 
-NUM_LANDMARKS = 68
 STUDENT_FAN_PARAMS = 321_412
 _CHANNELS = (32, 64, 128, 128)
 LEAKY_SLOPE = 0.01  # negative slope of every LeakyReLU, the output's included
@@ -71,6 +71,3 @@ def abstract_variables(module: StudentFAN) -> dict:
     x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
 
-
-def count_params(variables) -> int:
-    return int(sum(p.size for p in jax.tree_util.tree_leaves(variables["params"])))

@@ -19,8 +19,9 @@ Modes:
 
 Any image mode is accepted (gray, RGBA - composited on black -, CMYK,
 16-bit, palette, ...; see :func:`progsr_jax.data.open_image`).  The output is
-the model's output size (128x128 for a step-3 model), mapped to [0, 1] as
-``clip(0.5 * x + 0.5, 0, 1)`` and saved as 8-bit PNG.
+the model's output size (128x128 for a step-3 model), mapped to 8 bits as
+``round((x + 1) * 127.5)`` clipped to 0..255 (:func:`progsr_jax.data.to_uint8`,
+i.e. ``clip(0.5 * x + 0.5, 0, 1)`` times 255) and saved as PNG.
 
 A folder input gives a folder output with the same relative names and the
 extension ``.png`` (``a/b.jpg`` -> ``OUT/a/b.png``; if two inputs would share
@@ -34,20 +35,21 @@ skipped; the exit status is non-zero only when nothing could be processed.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
 from absl import flags
 from PIL import Image
 
-from progsr_jax.errors import UserError, run_cli
-from progsr_jax.evaluate import ModelMethod, iter_loaded, parse_flags, to_uint8
+from progsr_jax import cli, data
+from progsr_jax.errors import UserError
+from progsr_jax.evaluation import crops
+from progsr_jax.evaluation.sr import ModelMethod
 
 MODES = ("downsample", "lowres")
 
 
-def _define_flags(fv: flags.FlagValues):
+def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("checkpoint", None, "training workdir, checkpoint directory or "
                         "converted official checkpoint", flag_values=fv)
     flags.DEFINE_string("input", None, "an image file or a folder of images", flag_values=fv)
@@ -81,8 +83,6 @@ class _InputLoader:
         self.mode, self.crop = mode, crop
 
     def __call__(self, path: str) -> np.ndarray:
-        from progsr_jax import data
-
         if self.mode == "lowres":
             return lowres_input(data.open_image(path, min_size=1))
         img = data.open_image(path, min_size=16)
@@ -91,8 +91,6 @@ class _InputLoader:
 
 def plan_outputs(input_path: str, output: str) -> list[tuple[str, str]]:
     """``[(input file, output file)]`` for a file or folder input; UserError if none."""
-    from progsr_jax import data
-
     if not input_path:
         raise UserError("--input=FILE_OR_DIR is required")
     if not output:
@@ -123,36 +121,24 @@ def plan_outputs(input_path: str, output: str) -> list[tuple[str, str]]:
     return plan
 
 
-def _check_writable(folder: str):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
-
-
 def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downsample",
         batch_size: int = 16, crop: str = "square", workers: int = 2,
         progress: bool = True, log=print) -> dict:
     """Super-resolves the inputs; returns ``{'written': [...], 'skipped': [(path, reason)]}``."""
-    from tqdm import tqdm
-
     if mode not in MODES:
         raise UserError(f"unknown --mode={mode}; expected one of {', '.join(MODES)}")
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     plan = plan_outputs(input_path, output)
-    _check_writable(os.path.dirname(plan[0][1]))
+    folder = os.path.dirname(plan[0][1])
+    crops.make_writable_dir(folder, folder)
     model = ModelMethod(checkpoint, batch_size, clip=True)
     targets = dict(plan)
     written: list[str] = []
     skipped: list[tuple[str, str]] = []
-
-    def flush(batch):
-        sr = to_uint8(model(np.stack([x for _, x in batch])))
+    for batch in crops.loaded_batches([p for p, _ in plan], _InputLoader(mode, crop), batch_size,
+                                      skipped, workers, desc="infer", progress=progress):
+        sr = data.to_uint8(model.generate(np.stack([x for _, x in batch])))
         for (path, _), img in zip(batch, sr):
             out = targets[path]
             try:
@@ -161,22 +147,6 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
                 written.append(out)
             except OSError as e:
                 skipped.append((path, f"cannot write {out}: {e.strerror or e}"))
-
-    batch = []
-    loader = _InputLoader(mode, crop)
-    with tqdm(total=len(plan), desc="infer", unit="img", disable=not progress,
-              file=sys.stderr) as bar:
-        for path, lr, reason in iter_loaded([p for p, _ in plan], loader, workers):
-            bar.update(1)
-            if reason is not None:
-                skipped.append((path, reason))
-                continue
-            batch.append((path, lr))
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
     for path, reason in skipped:
         log(f"skipped {path}: {reason}")
     summary = (f"wrote {len(written)} of {len(plan)} image(s) "
@@ -194,11 +164,11 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    fv = parse_flags(_define_flags, sys.argv if argv is None else argv, __doc__)
+    fv = cli.parse(argv, define, __doc__)
     run(fv.checkpoint, fv.input, fv.output, mode=fv.mode, batch_size=fv.batch_size,
         crop=fv.crop, workers=fv.workers, progress=fv.progress)
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main)

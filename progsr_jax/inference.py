@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from progsr_jax import checkpoint as ckpt_lib
+from progsr_jax.training import checkpoint as ckpt_lib
 from progsr_jax import models
 from progsr_jax.errors import UserError
 

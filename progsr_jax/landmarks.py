@@ -1,8 +1,11 @@
 """Facial landmarks: the converted distilled FAN, heatmap decoding, NME, ``.pts`` files.
 
-A converted FAN folder (``tools/convert_fan_weights.py distilled``) holds
-``fan_meta.json`` (``{"kind": "student_fan", "width": 1.0, "source": <sha256>}``)
-and ``variables/``, an Orbax checkpoint of ``{"params", "batch_stats"}``.
+A FAN folder holds ``fan_meta.json`` (``{"kind": "student_fan", "width": 1.0,
+...}``) and ``variables/``, an Orbax checkpoint of ``{"params",
+"batch_stats"}``.  Two commands write one, both through :func:`save`:
+``tools/convert_fan_weights.py distilled`` (the authors' released student)
+and ``python -m progsr_jax.distill`` (a student distilled here, in its
+workdir); :func:`load` and ``--config.fan.checkpoint`` read either.
 
 Coordinate convention of :func:`heatmaps_to_landmarks`
 -------------------------------------------------------
@@ -32,6 +35,7 @@ from progsr_jax.errors import UserError
 META_FILE = "fan_meta.json"
 VARIABLES_DIR = "variables"
 NUM_LANDMARKS = 68
+KIND = "student_fan"  # fan_meta.json's "kind" of a FAN folder
 
 
 # ---------------------------------------------------------------------------
@@ -56,9 +60,33 @@ def _read_meta(directory: str) -> dict:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{meta_path} is unreadable: {e}") from None
-    if not isinstance(meta, dict) or meta.get("kind") != "student_fan":
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
         raise UserError(f"{meta_path} does not describe a converted student FAN "
                         f"(kind={meta.get('kind') if isinstance(meta, dict) else None!r})")
+    return meta
+
+
+def save(directory: str | os.PathLike, variables: dict, meta: dict) -> dict:
+    """Writes a FAN folder: ``variables/`` (Orbax) and ``fan_meta.json`` (``meta`` + kind, I/O).
+
+    ``meta`` should say at least the ``width``; the meta file is written last
+    and atomically, so a folder with a readable ``fan_meta.json`` is complete.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
+        ckptr.wait_until_finished()
+    meta = {"kind": KIND, "input": "NHWC RGB in [0, 1], any size",
+            "output": f"(N, H, W, {NUM_LANDMARKS}) heatmaps", **meta}
+    path = os.path.join(directory, META_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
     return meta
 
 

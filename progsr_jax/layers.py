@@ -3,7 +3,7 @@
 Each layer stores its parameters under the names PyTorch uses (``weight``,
 ``bias``, ``weight_orig``, ``running_mean``, ``running_var``) so that a
 parameter tree maps one-to-one onto a PyTorch ``state_dict``
-(see :mod:`progsr_jax.convert`).  Only the memory layout differs:
+(see :mod:`progsr_jax.interop.state_dict`).  Only the memory layout differs:
 
 * convolution weights are stored HWIO (PyTorch: OIHW),
 * transposed-convolution weights are stored (kh, kw, in, out) (PyTorch: in, out, kh, kw),
@@ -199,3 +199,8 @@ def avg_pool2(x):
 def upsample_nearest2(x):
     """Nearest-neighbour 2x upsampling (``F.interpolate(scale_factor=2)``)."""
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def count_params(params) -> int:
+    """Number of parameters (array elements) in a parameter tree."""
+    return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))

@@ -2,7 +2,7 @@
 
 Both follow the authors' ``model.py`` layer for layer, and their parameter
 trees map one-to-one onto the official PyTorch state dicts (see
-:mod:`progsr_jax.convert`): ``step1.3.conv.0.conv.weight_orig`` is
+:mod:`progsr_jax.interop.state_dict`): ``step1.3.conv.0.conv.weight_orig`` is
 ``params['step1_3']['conv_0']['conv']['weight_orig']``.
 
 ``width`` scales every hidden channel count (1.0 = the paper: G 8,969,097 and
@@ -217,6 +217,3 @@ def generator_shapes(width: float = 1.0) -> dict:
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
                                              step=3, alpha=1.0, train=False))
 
-
-def count_params(params) -> int:
-    return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))

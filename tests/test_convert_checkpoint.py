@@ -11,7 +11,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="converting official checkpoints needs torch")
 
-from progsr_jax import checkpoint, inference, torch_reference as tr  # noqa: E402
+from progsr_jax import inference  # noqa: E402
+from progsr_jax.training import checkpoint  # noqa: E402
+from progsr_jax.interop.pytorch import reference as tr  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -37,7 +39,7 @@ def test_converted_generator_matches_pytorch(tmp_path, step, alpha, prefix):
     sd = {prefix + k: v for k, v in g.state_dict().items()}
     path = tmp_path / "generator.ckpt"
     torch.save({"step": step, "alpha": alpha, "iteration": 1234, "model_state_dict": sd}, path)
-    assert tool.main(["--generator", str(path), "--output", str(tmp_path / "out")]) == 0
+    assert tool.main(["convert_pfsr_checkpoint.py", "--generator", str(path), "--output", str(tmp_path / "out")]) == 0
     sr = inference.load(str(tmp_path / "out"))
     assert (sr.step, sr.alpha, sr.iteration) == (step, alpha, 1234)
     x = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
@@ -54,15 +56,16 @@ def test_discriminator_is_converted_and_seeds_training(tmp_path):
                tmp_path / "g.ckpt")
     torch.save({"step": 3, "alpha": 1.0, "iteration": 5, "model_state_dict": d.state_dict()},
                tmp_path / "d.ckpt")
-    tool.main(["--generator", str(tmp_path / "g.ckpt"), "--discriminator",
+    tool.main(["convert_pfsr_checkpoint.py", "--generator", str(tmp_path / "g.ckpt"), "--discriminator",
                str(tmp_path / "d.ckpt"), "--output", str(tmp_path / "out")])
     disc = checkpoint.load_discriminator(str(tmp_path / "out"))
     np.testing.assert_allclose(disc["params"]["linear2"]["weight"],
                                d.linear2.weight.detach().numpy().T, atol=0)
     # Fine-tuning start: a fresh training state takes G and D from the converted checkpoint.
     import jax
-    from progsr_jax import config_lib, train
-    c = config_lib.base_config()
+    from progsr_jax.training import config as config_files
+    from progsr_jax.training import sr as train
+    c = config_files.load("step3.py")
     c.model.width = 0.25
     state, _, _ = train.create_train_state(c, jax.random.PRNGKey(0))
     state = checkpoint.init_from_pretrained(state, str(tmp_path / "out"))

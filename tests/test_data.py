@@ -212,14 +212,14 @@ def test_nothing_usable_is_an_error(tmp_path):
 def test_decompression_bomb_refused(tmp_path, monkeypatch):
     noise_image(0, 64, 64).save(tmp_path / "big.png")
     noise_image(0, 40, 40).save(tmp_path / "medium.png")
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(data.images, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(BadImage, match="decompression bomb"):
         data.open_image(tmp_path / "big.png")
     with pytest.raises(UserError, match="big.png .*decompression bomb"):
         data.build_dataset(cfg(root=str(tmp_path), min_size=8), progress=False,
                            log=lambda s: None)
     # PIL's own limit (warning between 1x and 2x, error above) is refused as well.
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", None)
+    monkeypatch.setattr(data.images, "MAX_IMAGE_PIXELS", None)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     for name in ("big.png", "medium.png"):
         with pytest.raises(BadImage, match="decompression bomb"):
@@ -344,7 +344,7 @@ def test_get_batch_is_stateless():
 
 def test_prefetcher_matches_get_batch_and_propagates_errors():
     ds = small_dataset()
-    with data.Prefetcher(ds, 3, 9, 4, 5, stage=1) as pf:
+    with data.Prefetcher(data.batch_loader(ds, 4, 5, stage=1), 3, 9) as pf:
         got = list(pf)
     assert [s for s, _ in got] == list(range(3, 9))
     for s, batch in got:
@@ -353,7 +353,7 @@ def test_prefetcher_matches_get_batch_and_propagates_errors():
         np.testing.assert_array_equal(batch["hr"], ref["hr"])
 
     # Stopping early leaves no thread behind.
-    pf = data.Prefetcher(ds, 0, 10_000, 4, 5, stage=1, buffer=2)
+    pf = data.Prefetcher(data.batch_loader(ds, 4, 5, stage=1), 0, 10_000, buffer=2)
     for s, _ in pf:
         if s == 2:
             break
@@ -362,7 +362,7 @@ def test_prefetcher_matches_get_batch_and_propagates_errors():
 
     broken = Dataset(files=ds.files, images={16: ds.images[16]}, landmarks=None, skipped=[])
     with pytest.raises(KeyError):
-        with data.Prefetcher(broken, 0, 5, 4, 0, stage=3) as pf:
+        with data.Prefetcher(data.batch_loader(broken, 4, 0, stage=3), 0, 5) as pf:
             list(pf)
 
 
@@ -370,7 +370,7 @@ def test_prefetcher_device_put():
     jax = pytest.importorskip("jax")
     ds = small_dataset()
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with data.Prefetcher(ds, 0, 2, 4, 0, stage=1, sharding=sharding) as pf:
+    with data.Prefetcher(data.batch_loader(ds, 4, 0, stage=1), 0, 2, sharding=sharding) as pf:
         (s0, b0), (s1, b1) = list(pf)
     assert isinstance(b1["hr"], jax.Array) and b1["hr"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(b1["hr"]), data.get_batch(ds, 1, 4, 0, 1)["hr"])
@@ -384,7 +384,7 @@ def test_measure_throughput_is_positive():
 
 
 def test_build_synthetic(tmp_path):
-    from progsr_jax import synthetic
+    from progsr_jax.data import synthetic
 
     c = cfg(source="synthetic", num_synthetic=6, seed=3, cache_dir=str(tmp_path))
     ds = data.build_dataset(c, progress=False, log=lambda s: None)

@@ -2,7 +2,7 @@
 
 The synthetic tests need nothing outside the repository: the "teacher" is a
 randomly initialised StudentFAN run over the built-in synthetic faces, its
-heatmaps written in the teacher-folder format of :mod:`progsr_jax.teacher`.
+heatmaps written in the teacher-folder format of :mod:`progsr_jax.data.teacher`.
 The CelebA test uses ``../shared`` and PyTorch (the real teacher pass) and
 skips without them.
 """
@@ -20,14 +20,22 @@ import numpy as np
 import optax
 import pytest
 
-from progsr_jax import data, distill, landmarks, teacher
+from progsr_jax import data, landmarks
+from progsr_jax.data import teacher
+from progsr_jax.evaluation import teacher_nme
+from progsr_jax.training import config as config_files
+from progsr_jax.training import distill, distill_config, distill_data, distill_step
 from progsr_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def distill_config_of(variant=None):
+    return config_files.load("distill_fan.py", variant)
+
+
 def smoke_config(tmp_path, teacher_dir, **overrides):
-    c = distill.get_config("smoke")
+    c = distill_config_of("smoke")
     c.teacher_heatmaps = str(teacher_dir)
     c.data.cache_dir = str(tmp_path / "cache")
     for k, v in overrides.items():
@@ -64,11 +72,11 @@ def synthetic_teacher(tmp_path_factory):
     from progsr_jax.fan import StudentFAN
 
     tmp = tmp_path_factory.mktemp("teacher")
-    c = distill.get_config("smoke")
+    c = distill_config_of("smoke")
     c.data.cache_dir = str(tmp / "cache")
-    ds = data.build_dataset(distill._data_cfg(c, "train"), progress=False, log=lambda m: None)
+    ds = data.build_dataset(config_files.data_config(c, "train"), progress=False, log=lambda m: None)
     module = StudentFAN(width=0.25)
-    variables = distill.create_state(c, module)  # a random student of another width
+    variables = distill_step.create_state(c, module)  # a random student of another width
     variables = {"params": variables.params, "batch_stats": variables.batch_stats}
     x = np.asarray(ds.images[64], np.float32) / 255.0
     hm = np.asarray(jax.jit(module.apply)(variables, x))
@@ -124,11 +132,9 @@ def test_smoke_end_to_end(trained):
 
 
 @pytest.mark.slow
-def test_student_plugs_into_super_resolution_training(tmp_path, trained):
+def test_student_plugs_into_super_resolution_training(tmp_path, trained, tiny_config):
     """--config.fan.checkpoint=<distillation workdir>: the heatmap and attention losses use it."""
-    from test_train import tiny_config  # the tests directory is on sys.path (pytest rootdir)
-
-    from progsr_jax import train
+    from progsr_jax.training import sr as train
 
     _, one, _ = trained
     c = tiny_config(final_stage=2, stage_steps=(1, 2, 0))
@@ -188,10 +194,10 @@ def test_misuse_gives_one_line_errors(tmp_path, synthetic_teacher, trained):
 
 
 def test_held_out_indices():
-    assert list(distill.held_out_indices(10, 0.2)) == [0, 5]
-    assert len(distill.held_out_indices(4591, 0.05)) == 230
-    assert len(distill.held_out_indices(10, 0.0)) == 0
-    assert list(distill.teacher_to_size(np.array([[0.0, 63.0]]), 128)[0]) == [0.5, 126.5]
+    assert list(distill_data.held_out_indices(10, 0.2)) == [0, 5]
+    assert len(distill_data.held_out_indices(4591, 0.05)) == 230
+    assert len(distill_data.held_out_indices(10, 0.0)) == 0
+    assert list(teacher_nme.teacher_to_size(np.array([[0.0, 63.0]]), 128)[0]) == [0.5, 126.5]
 
 
 def test_celeba_released_teacher_matches_itself(tmp_path, celeba_root, distilled_fan_file):
@@ -210,7 +216,7 @@ def test_celeba_released_teacher_matches_itself(tmp_path, celeba_root, distilled
     fan_dir = tmp_path / "released"
     tool.convert_distilled(str(distilled_fan_file), str(fan_dir))
 
-    c = distill.get_config("smoke")
+    c = distill_config_of("smoke")
     c.data.source, c.data.root, c.data.cache_dir = "celeba", str(celeba_root), str(tmp_path / "c")
     c.data.max_images = 16
     c.val.teacher_heatmaps = str(hm)
@@ -233,9 +239,9 @@ def test_tap_gradients_and_output_init():
 
     from progsr_jax.fan import StudentFAN
 
-    c = distill.get_config("smoke")
+    c = distill_config_of("smoke")
     module = StudentFAN(width=0.125)
-    state = distill.create_state(c, module)
+    state = distill_step.create_state(c, module)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
     y = jax.random.uniform(jax.random.PRNGKey(2), (2, 16, 16, 68))
 
@@ -245,7 +251,7 @@ def test_tap_gradients_and_output_init():
         return jax.numpy.mean((out - y) ** 2)
 
     def tap_loss(params):
-        with nn.intercept_methods(distill._tap_grad_interceptor):
+        with nn.intercept_methods(distill_step.tap_grad_interceptor):
             return loss(params)
 
     want = jax.jit(jax.value_and_grad(loss))(state.params)
@@ -255,7 +261,7 @@ def test_tap_gradients_and_output_init():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
     c.model.output_init_scale = 0.01
-    small = distill.create_state(c, module)
+    small = distill_step.create_state(c, module)
     np.testing.assert_allclose(small.params["layers_9"]["weight"],
                                0.01 * np.asarray(state.params["layers_9"]["weight"]), rtol=1e-6)
     np.testing.assert_array_equal(small.params["layers_6"]["weight"],
@@ -265,13 +271,13 @@ def test_tap_gradients_and_output_init():
 def test_straight_through_output_gradient():
     from progsr_jax.fan import StudentFAN
 
-    c = distill.get_config("smoke")
+    c = distill_config_of("smoke")
     c.output_grad, c.conv_grad, c.kl_weight = "straight_through", "xla", 0.0
     module = StudentFAN(width=0.125)
-    state = distill.create_state(c, module)
+    state = distill_step.create_state(c, module)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
     y = jax.random.uniform(jax.random.PRNGKey(2), (2, 16, 16, 68)) * 0.1
-    _, metrics = jax.jit(distill.make_train_step(c, module))(state, x, y)
+    _, metrics = jax.jit(distill_step.make_train_step(c, module))(state, x, y)
 
     def surrogate(params):  # d/dparams of sum(dL/d out * z): the straight-through gradient
         out, upd = module.apply({"params": params, "batch_stats": state.batch_stats}, x,
@@ -301,37 +307,37 @@ def test_spatial_softmax_kl_term():
 
     py, pp = softmax(y.astype(np.float64)), softmax(p.astype(np.float64))
     want = np.mean(np.sum(py * np.log(py / pp), axis=(1, 2)))
-    np.testing.assert_allclose(distill.spatial_softmax_kl(y, p, t), want, rtol=1e-4)
-    assert float(distill.spatial_softmax_kl(y, y, t)) == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(distill_step.spatial_softmax_kl(y, p, t), want, rtol=1e-4)
+    assert float(distill_step.spatial_softmax_kl(y, y, t)) == pytest.approx(0.0, abs=1e-6)
     # it only depends on where each heatmap is high, not on a constant offset
-    np.testing.assert_allclose(distill.spatial_softmax_kl(y, p + 0.3, t), want, rtol=1e-4)
+    np.testing.assert_allclose(distill_step.spatial_softmax_kl(y, p + 0.3, t), want, rtol=1e-4)
 
     # in the train step: loss = mse + kl_weight * kl, all three logged
-    c = distill.get_config("smoke")
+    c = distill_config_of("smoke")
     c.conv_grad, c.kl_weight, c.kl_temperature = "xla", 0.5, t
     module = StudentFAN(width=0.125)
-    state = distill.create_state(c, module)
+    state = distill_step.create_state(c, module)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3))
-    _, m = jax.jit(distill.make_train_step(c, module))(state, x, y)
+    _, m = jax.jit(distill_step.make_train_step(c, module))(state, x, y)
     out = module.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
                        mutable=["batch_stats"])[0]
     np.testing.assert_allclose(m["mse"], np.mean((np.asarray(out) - y) ** 2), rtol=1e-5)
-    np.testing.assert_allclose(m["kl"], distill.spatial_softmax_kl(y, out, t), rtol=1e-5)
+    np.testing.assert_allclose(m["kl"], distill_step.spatial_softmax_kl(y, out, t), rtol=1e-5)
     np.testing.assert_allclose(m["loss"], m["mse"] + 0.5 * m["kl"], rtol=1e-6)
     c.kl_weight, c.teacher_heatmaps = -1.0, "hm"
     with pytest.raises(UserError, match="kl_weight"):
-        distill.validate(c)
+        distill_config.validate(c)
 
 
 def test_muon_orthogonalises_the_convolutions_and_adam_updates_the_rest():
     from progsr_jax.fan import StudentFAN
 
-    c = distill.get_config("smoke")
-    assert c.optimizer == "muon" and distill.get_config("cpu").optimizer == "muon"
-    assert distill.get_config().optimizer == "adam"  # the paper's recipe
-    state = distill.create_state(c, StudentFAN(width=0.25))
+    c = distill_config_of("smoke")
+    assert c.optimizer == "muon" and distill_config_of("cpu").optimizer == "muon"
+    assert distill_config_of().optimizer == "adam"  # the paper's recipe
+    state = distill_step.create_state(c, StudentFAN(width=0.25))
     params = jax.device_get(state.params)
-    dims = distill.muon_dimensions(params)
+    dims = distill_step.muon_dimensions(params)
     for layer, leaves in params.items():
         for name, p in leaves.items():
             muon = name == "weight" and p.ndim == 4 and layer != "layers_9"
@@ -346,7 +352,7 @@ def test_muon_orthogonalises_the_convolutions_and_adam_updates_the_rest():
         return g * np.logspace(0, -3, p.shape[-1], dtype=np.float32)
 
     grads = jax.tree_util.tree_map(skewed, params)
-    tx = distill.make_optimizer(c)
+    tx = distill_step.make_optimizer(c)
     updates, _ = tx.update(grads, tx.init(params), params)
     w = np.asarray(updates["layers_6"]["weight"])
     s = np.linalg.svd(w.reshape(-1, w.shape[-1]), compute_uv=False)

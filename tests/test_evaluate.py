@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from progsr_jax import evaluate as ev
+from progsr_jax.evaluation import crops
+from progsr_jax.evaluation import sr as ev
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KEYS = {"psnr", "ssim", "ms_ssim", "lpips", "psnr_y", "ssim_y", "num_images", "protocol",
@@ -105,7 +106,8 @@ def test_bicubic_both_protocols_on_celeba_val(celeba_root, tmp_path):
 
 def test_pfsr_matches_in_memory_protocol(celeba_root, tmp_path):
     """The streamed evaluation batches files in order exactly like metrics.pfsr_evaluate."""
-    from progsr_jax import data, metrics
+    from progsr_jax import data
+    from progsr_jax.evaluation import metrics
 
     pf = run_eval(tmp_path / "pf", data_root=str(celeba_root), split="val", method="bilinear",
                   limit=20, batch_size=8, protocol="pfsr", lpips=False)
@@ -143,17 +145,17 @@ def test_unaligned_faces68_landmark_crops(faces68_root, tmp_path):
     res = run_eval(tmp_path / "f68", data_root=str(faces68_root / "ffhq"), source="faces68",
                    method="bicubic", limit=6, batch_size=4, lpips=False)
     assert res["crop"] == "landmarks" and res["num_images"] == 6
-    assert res["crop_scale"] == ev.DEFAULT_CROP_SCALE
+    assert res["crop_scale"] == crops.DEFAULT_CROP_SCALE
 
 
 def test_landmark_box_geometry():
     pts = np.array([[10.0, 20.0], [30.0, 60.0]])  # box 20 x 40, centre (20, 40)
-    left, top, side = ev.landmark_box(pts, scale=2.0, shift=0.0)
+    left, top, side = crops.landmark_box(pts, scale=2.0, shift=0.0)
     assert (left, top, side) == (-20, 0, 80)
-    left, top, side = ev.landmark_box(pts, scale=2.0, shift=0.25)
+    left, top, side = crops.landmark_box(pts, scale=2.0, shift=0.25)
     assert (left, top, side) == (-20, -20, 80)
     img = Image.new("RGB", (50, 70), (255, 255, 255))
-    crop = np.asarray(ev.crop_square(img, -20, 0, 80))
+    crop = np.asarray(crops.crop_square(img, -20, 0, 80))
     assert crop.shape == (80, 80, 3) and crop[0, 0].sum() == 0 and crop[10, 30].sum() == 765
 
 
@@ -207,7 +209,7 @@ def test_misuse_gives_one_line_errors(tmp_path):
 
 # ------------------------------------------------------- landmark accuracy
 def test_landmark_point_mapping():
-    from progsr_jax.evaluate_landmarks import crop_box, map_points
+    from progsr_jax.evaluation.crops import crop_box, map_points
 
     # pixel centres at integers: the crop's corners map to the resized image's corners
     pts = np.array([[10.0, 20.0], [10.0 + 99.5, 20.0 + 99.5], [10 - 0.5, 20 - 0.5]])
@@ -220,7 +222,7 @@ def test_landmark_point_mapping():
 
 
 def test_evaluate_landmarks_with_released_fan(distilled_fan_file, faces68_root, tmp_path):
-    from progsr_jax.evaluate_landmarks import evaluate_landmarks
+    from progsr_jax.evaluation.landmarks import evaluate_landmarks
 
     fan = tmp_path / "fan"
     proc = subprocess.run([sys.executable, "tools/convert_fan_weights.py", "distilled",

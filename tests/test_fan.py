@@ -15,7 +15,7 @@ import pytest
 
 from progsr_jax import landmarks
 from progsr_jax.errors import UserError
-from progsr_jax.torch_pickle import LEGACY_MAGIC, UnsafePickleError, load_torch_file
+from progsr_jax.interop.torch_pickle import LEGACY_MAGIC, UnsafePickleError, load_torch_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_fan_weights.py"
@@ -73,7 +73,7 @@ def released_state_dict(distilled_fan_file):
 @pytest.fixture(scope="module")
 def converted_dir(distilled_fan_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("fan") / "converted"
-    assert _tool().main(["distilled", "--input", str(distilled_fan_file), "--output", str(out)]) == 0
+    assert _tool().main(["convert_fan_weights.py", "distilled", "--input", str(distilled_fan_file), "--output", str(out)]) == 0
     return out
 
 
@@ -195,16 +195,17 @@ def test_not_a_torch_file(tmp_path):
 def test_param_count_and_layout():
     import jax
 
-    from progsr_jax.fan import StudentFAN, abstract_variables, count_params
+    from progsr_jax.fan import StudentFAN, abstract_variables
+    from progsr_jax.layers import count_params
 
     v = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.01, s.dtype),
                                abstract_variables(StudentFAN()))  # random init compiles slowly
-    assert count_params(v) == 321_412
+    assert count_params(v["params"]) == 321_412
     y = StudentFAN().apply(v, np.zeros((2, 20, 24, 3), np.float32))
     assert y.shape == (2, 20, 24, 68)
     assert set(v["batch_stats"]) == {"layers_1", "layers_4", "layers_7"}
     assert jax.tree_util.tree_structure(v["params"]).num_leaves == 16  # 5 convs + 3 BNs
-    assert count_params(abstract_variables(StudentFAN(width=0.5))) < 321_412 // 3
+    assert count_params(abstract_variables(StudentFAN(width=0.5))["params"]) < 321_412 // 3
 
 
 def test_parity_with_pytorch(converted_dir, released_state_dict, celeba_faces):
@@ -232,7 +233,7 @@ def test_zip_state_dict_converts(tmp_path, released_state_dict, converted_dir, c
     path = tmp_path / "fan_state_dict.pth"
     torch.save({"state_dict": sd}, path)  # zip format, wrapped
     out = tmp_path / "conv2"
-    assert _tool().main(["distilled", "--input", str(path), "--output", str(out)]) == 0
+    assert _tool().main(["convert_fan_weights.py", "distilled", "--input", str(path), "--output", str(out)]) == 0
     a = landmarks.load(out)
     b = landmarks.load(converted_dir)
     x = celeba_faces[64][:2]
@@ -245,7 +246,7 @@ def test_wrong_state_dict_and_missing_dir(tmp_path, released_state_dict):
     path = tmp_path / "partial.pth"
     torch.save(sd, path)
     with pytest.raises(UserError, match="missing keys.*conv.bias"):
-        _tool().main(["distilled", "--input", str(path), "--output", str(tmp_path / "o")])
+        _tool().main(["convert_fan_weights.py", "distilled", "--input", str(path), "--output", str(tmp_path / "o")])
     with pytest.raises(UserError, match="no converted FAN"):
         landmarks.load(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
@@ -362,7 +363,7 @@ def test_landmarks_on_real_faces_are_plausible(converted_dir, faces68_root):
 
 def test_fan4_layout():
     pytest.importorskip("torch")
-    from progsr_jax.torch_fan4 import FAN4, FAN4_NUM_KEYS, FAN4_NUM_PARAMS
+    from progsr_jax.interop.pytorch.fan4 import FAN4, FAN4_NUM_KEYS, FAN4_NUM_PARAMS
 
     m = FAN4(4)
     sd = m.state_dict()
@@ -393,7 +394,7 @@ def _face_alignment_fan_module():
 def test_fan4_matches_face_alignment():
     torch = pytest.importorskip("torch")
     fa = _face_alignment_fan_module()
-    from progsr_jax.torch_fan4 import FAN4
+    from progsr_jax.interop.pytorch.fan4 import FAN4
 
     ref, ours = fa.FAN(4), FAN4(4)
     a, b = ref.state_dict(), ours.state_dict()

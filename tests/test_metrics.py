@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from progsr_jax import metrics
+from progsr_jax.evaluation import metrics
 
 W = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 

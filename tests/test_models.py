@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from progsr_jax import convert, models
+from progsr_jax import models
+from progsr_jax.layers import count_params
+from progsr_jax.interop import state_dict as convert
 from progsr_jax.layers import ConvTranspose2d
 
 
@@ -20,8 +22,8 @@ def paper_models():
 
 def test_parameter_counts_match_paper(paper_models):
     _, gv, _, dv = paper_models
-    assert models.count_params(gv["params"]) == 8_969_097
-    assert models.count_params(dv["params"]) == 8_065_537
+    assert count_params(gv["params"]) == 8_969_097
+    assert count_params(dv["params"]) == 8_065_537
     # 76 official G keys = 66 + 10 num_batches_tracked; 24 official D keys.
     assert len(convert.variables_to_state_dict(gv, models.G_CONV_TRANSPOSE)) == 66
     assert len(convert.variables_to_state_dict(dv)) == 24
@@ -102,7 +104,7 @@ def _randomise_bn(module, seed=0):
 
 @pytest.mark.parametrize("step,alpha", [(1, 1.0), (2, 0.7), (2, 1.0), (3, 0.4), (3, 1.0)])
 def test_generator_matches_pytorch(step, alpha):
-    from progsr_jax import torch_reference as tr
+    from progsr_jax.interop.pytorch import reference as tr
     torch.manual_seed(0)
     tg = tr.Generator(width=0.25)
     _randomise_bn(tg)
@@ -129,7 +131,7 @@ def test_generator_matches_pytorch(step, alpha):
 
 @pytest.mark.parametrize("step,alpha", [(1, 1.0), (2, 0.3), (3, 0.6), (3, 1.0)])
 def test_discriminator_matches_pytorch(step, alpha):
-    from progsr_jax import torch_reference as tr
+    from progsr_jax.interop.pytorch import reference as tr
     torch.manual_seed(1)
     td = tr.Discriminator(width=0.25)
     d, ref = models.init_discriminator(jax.random.PRNGKey(0), width=0.25)
@@ -159,7 +161,7 @@ def test_state_dict_round_trip_and_refusal(paper_models):
 
 def test_vgg_features_and_input_gradient_match_torchvision_layout():
     """VGG16Features (reshape max-pool) vs torchvision-layout VGG16 on the same weights."""
-    from progsr_jax import torch_reference as tr
+    from progsr_jax.interop.pytorch import reference as tr
     from progsr_jax import vgg
 
     params = vgg.load_vgg16_features_params()

@@ -95,7 +95,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def _image_folder(folder, n_good=40):
-    from progsr_jax import synthetic
+    from progsr_jax.data import synthetic
     folder.mkdir()
     faces, _ = synthetic.synthetic_dataset(n_good, seed=3)
     for i, face in enumerate(faces):

@@ -1,4 +1,4 @@
-"""Tests of the procedural synthetic faces (progsr_jax.synthetic)."""
+"""Tests of the procedural synthetic faces (progsr_jax.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from progsr_jax import synthetic
+from progsr_jax.data import synthetic
 
 
 def test_shapes_and_ranges():

@@ -15,7 +15,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from progsr_jax import teacher
+from progsr_jax.data import teacher
 from progsr_jax.errors import UserError
 
 torch = pytest.importorskip("torch")
@@ -39,7 +39,7 @@ def _inputs64(celeba_root, n):
 
 
 def _squeeze_reference(state_dict):
-    """fan_squeeze from the facts in shared/README.md, independent of progsr_jax.torch_fan4."""
+    """fan_squeeze from the facts in shared/README.md, independent of progsr_jax.interop.pytorch.fan4."""
     nn = torch.nn
     net = nn.Module()
     net.conv = nn.Conv2d(3, 32, 5, 1, 2)
@@ -67,11 +67,11 @@ def _args(**kw):
 
 
 def test_distilled_teacher_end_to_end_and_resume(tmp_path, celeba_root, distilled_fan_file):
-    from progsr_jax.torch_pickle import load_torch_file
+    from progsr_jax.interop.torch_pickle import load_torch_file
 
     tool = _tool()
     out = tmp_path / "teacher"
-    common = ["teacher-heatmaps", "--teacher=distilled", "--no_progress",
+    common = ["convert_fan_weights.py", "teacher-heatmaps", "--teacher=distilled", "--no_progress",
               *_args(weights=distilled_fan_file, data_root=celeba_root, split="train", limit=20,
                      batch_size=8, chunk_size=8, output=out)]
     s = tool.teacher_heatmaps(teacher="distilled", weights=str(distilled_fan_file),
@@ -119,16 +119,16 @@ def test_distilled_teacher_end_to_end_and_resume(tmp_path, celeba_root, distille
 
     # a different run into the same folder is refused
     with pytest.raises(UserError, match="different run"):
-        tool.main(["teacher-heatmaps", "--teacher=distilled", "--no_progress",
+        tool.main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=distilled", "--no_progress",
                    *_args(weights=distilled_fan_file, data_root=celeba_root, split="train",
                           limit=12, batch_size=8, chunk_size=8, output=out)])
 
 
 def test_uint8_storage(tmp_path, celeba_root, distilled_fan_file):
-    from progsr_jax.torch_pickle import load_torch_file
+    from progsr_jax.interop.torch_pickle import load_torch_file
 
     out = tmp_path / "q"
-    _tool().main(["teacher-heatmaps", "--teacher=distilled", "--no_progress", "--dtype=uint8",
+    _tool().main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=distilled", "--no_progress", "--dtype=uint8",
                   *_args(weights=distilled_fan_file, data_root=celeba_root, split="val", limit=5,
                          batch_size=4, output=out)])
     from progsr_jax import data
@@ -145,14 +145,14 @@ def test_uint8_storage(tmp_path, celeba_root, distilled_fan_file):
 def test_fan4_teacher_random_weights(tmp_path, celeba_root):
     import torch.nn.functional as F
 
-    from progsr_jax.torch_fan4 import FAN4
+    from progsr_jax.interop.pytorch.fan4 import FAN4
 
     torch.manual_seed(0)
     net = FAN4(4)
     weights = tmp_path / "fan4_random.pth.tar"
     torch.save(net.state_dict(), weights, _use_new_zipfile_serialization=False)  # like 2DFAN4's file
     out = tmp_path / "fan4"
-    assert _tool().main(["teacher-heatmaps", "--teacher=fan4", "--no_progress",
+    assert _tool().main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=fan4", "--no_progress",
                          *_args(weights=weights, data_root=celeba_root, split="train", limit=1,
                                 batch_size=4, output=out)]) == 0
     _, x = _inputs64(celeba_root, 1)  # FAN4 takes ~3 s per image on a CPU core
@@ -180,13 +180,13 @@ def test_torchscript_and_bad_inputs(tmp_path, celeba_root):
     ts = tmp_path / "2DFAN4-cd938726ad.zip"
     torch.jit.save(torch.jit.script(Tiny()), ts)
     with pytest.raises(UserError, match="TorchScript.*torch.jit.load"):
-        tool.main(["teacher-heatmaps", "--teacher=fan4", "--no_progress",
+        tool.main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=fan4", "--no_progress",
                    *_args(weights=ts, data_root=celeba_root, split="val", limit=1,
                           output=tmp_path / "o")])
     sd = tmp_path / "wrong.pth"
     torch.save(Tiny().state_dict(), sd)
     with pytest.raises(UserError, match="does not match FAN4"):
-        tool.main(["teacher-heatmaps", "--teacher=fan4", "--no_progress",
+        tool.main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=fan4", "--no_progress",
                    *_args(weights=sd, data_root=celeba_root, split="val", limit=1,
                           output=tmp_path / "o2")])
     with pytest.raises(UserError, match="no teacher heatmaps"):

@@ -12,34 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from progsr_jax import config_lib, inference, losses, models, train
+from progsr_jax import inference, losses, models
+from progsr_jax.training import config as config_files
+from progsr_jax.training import sr as train
+from progsr_jax.training import sr_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-    c = config_lib.recipe(3, "smoke")
-    c.model.width = 0.0625
-    c.batch_size = 2
-    c.stage_steps = (2, 2, 2)
-    c.fade_steps = 1
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.sample_every = 100
-    c.num_samples = 2
-    c.data.num_synthetic = 8
-    c.data.num_workers = 0
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
-
-
 def test_alpha_schedule_matches_authors_code():
-    c = config_lib.base_config()
+    c = config_files.load("step3.py")
     assert train.alpha_at(c, 1, 0) == 1.0
     assert train.alpha_at(c, 2, 0) == 0.0
     assert train.alpha_at(c, 2, 12_500) == 0.5
@@ -50,7 +32,7 @@ def test_alpha_schedule_matches_authors_code():
     assert train.stage_at(c, 100_001) == (3, 1)
 
 
-def test_config_validation_messages():
+def test_config_validation_messages(tiny_config):
     from progsr_jax.errors import UserError
     for field, value, msg in [("batch_size", 0, "batch_size"), ("final_stage", 4, "final_stage"),
                               ("model.dtype", "float16", "model.dtype"),
@@ -62,9 +44,9 @@ def test_config_validation_messages():
             node = node[p]
         node[last] = value
         with pytest.raises(UserError, match=msg):
-            config_lib.validate(c)
+            sr_config.validate(c)
     with pytest.raises(UserError, match="divisible"):
-        config_lib.validate(tiny_config(batch_size=6), num_devices=4)
+        sr_config.validate(tiny_config(batch_size=6), num_devices=4)
 
 
 def test_gradient_penalty_against_finite_differences():
@@ -86,7 +68,8 @@ torch = pytest.importorskip("torch", reason="the PyTorch parity of the D loss ne
 
 
 def test_discriminator_loss_matches_pytorch_autograd():
-    from progsr_jax import convert, torch_reference as tr
+    from progsr_jax.interop import state_dict as convert
+    from progsr_jax.interop.pytorch import reference as tr
     torch.manual_seed(0)
     td = tr.Discriminator(width=0.125)
     d, ref = models.init_discriminator(jax.random.PRNGKey(0), width=0.125)
@@ -128,7 +111,7 @@ def test_heatmap_normalisation_modes():
 
 
 @pytest.fixture(scope="module")
-def step_setup():
+def step_setup(tiny_config):
     from progsr_jax import vgg
     from progsr_jax.fan import StudentFAN
     c = tiny_config()
@@ -189,7 +172,7 @@ def _final_generator(workdir):
 
 
 @pytest.mark.slow
-def test_training_is_deterministic_and_resume_is_exact(tmp_path):
+def test_training_is_deterministic_and_resume_is_exact(tmp_path, tiny_config):
     """Two runs with the same seed agree; a run resumed at a stage boundary equals both."""
     c = tiny_config()
     c.data.cache_dir = str(tmp_path / "cache")
@@ -218,7 +201,7 @@ def test_training_is_deterministic_and_resume_is_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_other_width_is_refused(tmp_path):
+def test_resume_with_other_width_is_refused(tmp_path, tiny_config):
     from progsr_jax.errors import UserError
     c = tiny_config(final_stage=1)
     c.data.cache_dir = str(tmp_path / "cache")
@@ -253,7 +236,7 @@ def test_inference_load_of_empty_directory_is_refused(tmp_path):
         inference.load(str(tmp_path))
 
 
-def test_zero_adversarial_weight_skips_the_critic(step_setup):
+def test_zero_adversarial_weight_skips_the_critic(step_setup, tiny_config):
     c, state, g, d, fan, fan_vars, vgg_params = step_setup
     c = tiny_config(**{"loss.stage1.adversarial": 0.0})
     batch = {"lr": np.zeros((2, 16, 16, 3), np.float32), "hr": np.zeros((2, 32, 32, 3), np.float32)}
@@ -264,7 +247,7 @@ def test_zero_adversarial_weight_skips_the_critic(step_setup):
         np.testing.assert_array_equal(a, b)
 
 
-def test_bfloat16_step_tracks_float32_and_keeps_float32_state(step_setup):
+def test_bfloat16_step_tracks_float32_and_keeps_float32_state(step_setup, tiny_config):
     """model.dtype=bfloat16: bf16 compute, float32 parameters and Adam state, finite GP."""
     c, state, g, d, fan, fan_vars, vgg_params = step_setup
     c16 = tiny_config(**{"model.dtype": "bfloat16"})

@@ -7,14 +7,14 @@ Commands
     Converts the released distilled FAN (``compressed_model_011000.pth``, a
     legacy whole-module pickle) or any state dict of the same layout into an
     Orbax checkpoint for :class:`progsr_jax.fan.StudentFAN`, plus
-    ``fan_meta.json``.  The file is read with :mod:`progsr_jax.torch_pickle`
+    ``fan_meta.json``.  The file is read with :mod:`progsr_jax.interop.torch_pickle`
     (no torch, no arbitrary code): a file that references anything but
     tensors and known layer records is refused.  Load the result with
     ``progsr_jax.landmarks.load(DIR)``.
 
 ``teacher-heatmaps --teacher=fan4|distilled --weights=FILE --data_root=ROOT --split=... --output=DIR``
     Runs a PyTorch teacher over the 64x64 step-2 targets of a split and
-    stores its 64x64x68 heatmaps (format: :mod:`progsr_jax.teacher`).
+    stores its 64x64x68 heatmaps (format: :mod:`progsr_jax.data.teacher`).
     ``fan4``: face-alignment's 4-stack FAN (``2DFAN4-11f355bf06.pth.tar``, a
     plain state dict) on the image bilinearly upsampled x4 to 256x256; the
     last stack's output.  ``distilled``: the released student on the 64x64
@@ -31,25 +31,22 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import hashlib
-import json
 import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+from absl import flags
 
-from progsr_jax import teacher as teacher_io  # noqa: E402
-from progsr_jax.errors import UserError, run_cli  # noqa: E402
-from progsr_jax.torch_pickle import UnsafePickleError, load_torch_file  # noqa: E402
+from progsr_jax import cli
+from progsr_jax.data import teacher as teacher_io
+from progsr_jax.errors import UserError
+from progsr_jax.interop.torch_pickle import UnsafePickleError, load_torch_file
 
-STUDENT_KIND = "student_fan"
+COMMANDS = ("distilled", "teacher-heatmaps")
 
 
 def sha256_file(path: str) -> str:
@@ -80,29 +77,22 @@ def read_state_dict(path: str) -> dict:
 def convert_distilled(input_path: str, output_dir: str, width: float = 1.0) -> dict:
     sd = read_state_dict(input_path)  # before importing jax: refuse bad files fast
 
-    import orbax.checkpoint as ocp
-
-    from progsr_jax.convert import state_dict_to_variables
-    from progsr_jax.fan import StudentFAN, abstract_variables, count_params
-    from progsr_jax.landmarks import META_FILE, VARIABLES_DIR
+    from progsr_jax import landmarks
+    from progsr_jax.fan import StudentFAN, abstract_variables
+    from progsr_jax.interop.state_dict import state_dict_to_variables
+    from progsr_jax.layers import count_params
 
     module = StudentFAN(width=width)
     reference = abstract_variables(module)  # shapes only (random init is slow on CPU)
     variables = state_dict_to_variables(sd, reference, what=input_path)
-    output_dir = os.path.abspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(output_dir, VARIABLES_DIR), variables, force=True)
-        ckptr.wait_until_finished()
-    meta = {"kind": STUDENT_KIND, "width": float(width), "source": sha256_file(input_path),
-            "source_file": os.path.basename(input_path), "num_params": count_params(variables),
-            "input": "NHWC RGB in [0, 1], any size", "output": "(N, H, W, 68) heatmaps"}
-    with open(os.path.join(output_dir, META_FILE), "w") as f:
-        json.dump(meta, f, indent=1)
-    return meta
+    return landmarks.save(output_dir, variables, {
+        "width": float(width), "source": sha256_file(input_path),
+        "source_file": os.path.basename(input_path),
+        "num_params": count_params(variables["params"])})
 
 
 def _cmd_distilled(args) -> int:
+    cli.require(args, "input", "output")
     meta = convert_distilled(args.input, args.output, args.width)
     print(f"converted {args.input} -> {os.path.abspath(args.output)} "
           f"({meta['num_params']:,} parameters, sha256 {meta['source'][:12]}...)")
@@ -127,7 +117,7 @@ def build_teacher(kind: str, weights: str, device):
     torch = _import_torch()
     import torch.nn.functional as F
 
-    from progsr_jax.torch_fan4 import FAN4, FanSqueeze, load_state_dict_strict
+    from progsr_jax.interop.pytorch.fan4 import FAN4, FanSqueeze, load_state_dict_strict
 
     sd = read_state_dict(weights)
     if sd and all(k.startswith("module.") for k in sd):
@@ -321,6 +311,7 @@ def teacher_heatmaps(*, teacher: str, weights: str, data_root: str, split: str, 
 
 
 def _cmd_teacher(args) -> int:
+    cli.require(args, "teacher", "weights", "data_root", "split", "output")
     s = teacher_heatmaps(teacher=args.teacher, weights=args.weights, data_root=args.data_root,
                          split=args.split, output=args.output, source=args.source, crop=args.crop,
                          limit=args.limit, batch_size=args.batch_size, chunk_size=args.chunk_size,
@@ -336,42 +327,41 @@ def _cmd_teacher(args) -> int:
 # ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_fan_weights.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("distilled", help="convert the distilled FAN to a Flax/Orbax checkpoint")
-    d.add_argument("--input", required=True, help="compressed_model_011000.pth or a state dict")
-    d.add_argument("--output", required=True, help="output folder")
-    d.add_argument("--width", type=float, default=1.0, help="StudentFAN width (1.0 = released)")
-    d.set_defaults(fn=_cmd_distilled)
-    t = sub.add_parser("teacher-heatmaps", help="precompute teacher heatmaps for a split")
-    t.add_argument("--teacher", required=True, choices=("fan4", "distilled"))
-    t.add_argument("--weights", required=True, help="FAN4 state dict (.pth.tar) or distilled .pth")
-    t.add_argument("--data_root", required=True)
-    t.add_argument("--split", required=True, help="train, val, test (CelebA) or all (folder)")
-    t.add_argument("--source", default="celeba", choices=("celeba", "folder"))
-    t.add_argument("--crop", default=None, choices=("celeba", "square", "none"),
-                   help="default: celeba for --source=celeba, square otherwise")
-    t.add_argument("--limit", type=int, default=None, help="only the first N images")
-    t.add_argument("--batch_size", type=int, default=64)
-    t.add_argument("--chunk_size", type=int, default=1024,
-                   help="images per resumable chunk (fixed for a given output folder)")
-    t.add_argument("--dtype", default="float16", choices=teacher_io.DTYPES)
-    t.add_argument("--workers", type=int, default=4, help="image decoding threads")
-    t.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    t.add_argument("--overwrite", action="store_true", help="discard an existing output folder")
-    t.add_argument("--allow_tf32", action="store_true",
-                   help="let cuDNN use TF32 (faster on Ampere+ GPUs, ~1e-3 relative error)")
-    t.add_argument("--no_progress", action="store_true")
-    t.add_argument("--output", required=True)
-    t.set_defaults(fn=_cmd_teacher)
-    return p
+def define(fv: flags.FlagValues) -> None:
+    def string(name, default, help_string):
+        flags.DEFINE_string(name, default, help_string, flag_values=fv)
+
+    string("input", None, "distilled: compressed_model_011000.pth or a state dict")
+    string("output", None, "output folder")
+    flags.DEFINE_float("width", 1.0, "distilled: StudentFAN width (1.0 = released)",
+                       flag_values=fv)
+    flags.DEFINE_enum("teacher", None, ["fan4", "distilled"], "teacher-heatmaps: the teacher",
+                      flag_values=fv)
+    string("weights", None, "teacher-heatmaps: FAN4 state dict (.pth.tar) or distilled .pth")
+    string("data_root", None, "teacher-heatmaps: data folder")
+    string("split", None, "teacher-heatmaps: train, val, test (CelebA) or all (folder)")
+    flags.DEFINE_enum("source", "celeba", ["celeba", "folder"], "teacher-heatmaps: data source",
+                      flag_values=fv)
+    flags.DEFINE_enum("crop", None, ["celeba", "square", "none"],
+                      "default: celeba for --source=celeba, square otherwise", flag_values=fv)
+    flags.DEFINE_integer("limit", None, "only the first N images", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "teacher batch", flag_values=fv)
+    flags.DEFINE_integer("chunk_size", 1024, "images per resumable chunk (fixed for a given "
+                         "output folder)", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float16", list(teacher_io.DTYPES), "heatmap storage type",
+                      flag_values=fv)
+    flags.DEFINE_integer("workers", 4, "image decoding threads", flag_values=fv)
+    string("device", None, "torch device (default: cuda if available)")
+    flags.DEFINE_bool("overwrite", False, "discard an existing output folder", flag_values=fv)
+    flags.DEFINE_bool("allow_tf32", False, "let cuDNN use TF32 (faster on Ampere+ GPUs, ~1e-3 "
+                      "relative error)", flag_values=fv)
+    flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    command, fv = cli.parse_command(argv, define, __doc__, COMMANDS)
+    return {"distilled": _cmd_distilled, "teacher-heatmaps": _cmd_teacher}[command](fv)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main)

@@ -15,15 +15,13 @@ and inference commands, or ``--config.init_from=DIR`` for fine-tuning.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import flags
 
-import numpy as np  # noqa: E402
-
-from progsr_jax.errors import UserError, run_cli  # noqa: E402
+from progsr_jax import cli
+from progsr_jax.errors import UserError
 
 
 def read_official(path: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -65,8 +63,9 @@ def _width(sd: dict, key: str, base: int) -> float:
 def convert(generator: str, discriminator: str | None, output: str) -> dict:
     import jax
 
-    from progsr_jax import checkpoint, models
-    from progsr_jax.convert import state_dict_to_variables
+    from progsr_jax import models
+    from progsr_jax.training import checkpoint
+    from progsr_jax.interop.state_dict import state_dict_to_variables
 
     g_sd, info = read_official(generator)
     width = _width(g_sd, "step1.0.weight", 512)
@@ -93,18 +92,21 @@ def convert(generator: str, discriminator: str | None, output: str) -> dict:
     return meta
 
 
+def define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("generator", None, "official generator checkpoint (.ckpt)", flag_values=fv)
+    flags.DEFINE_string("discriminator", None, "official discriminator checkpoint (optional)",
+                        flag_values=fv)
+    flags.DEFINE_string("output", None, "output directory (Orbax checkpoint)", flag_values=fv)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--generator", required=True, help="official generator checkpoint (.ckpt)")
-    p.add_argument("--discriminator", help="official discriminator checkpoint (optional)")
-    p.add_argument("--output", required=True, help="output directory (Orbax checkpoint)")
-    args = p.parse_args(argv)
-    meta = convert(args.generator, args.discriminator, args.output)
-    print(f"wrote {args.output}: step {meta['stage']}, alpha {meta['alpha']}, "
+    fv = cli.parse(argv, define, __doc__)
+    cli.require(fv, "generator", "output")
+    meta = convert(fv.generator, fv.discriminator, fv.output)
+    print(f"wrote {fv.output}: step {meta['stage']}, alpha {meta['alpha']}, "
           f"iteration {meta['iteration']}, width {meta['width']}")
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main)

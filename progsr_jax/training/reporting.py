@@ -1,12 +1,15 @@
-"""What a training run writes: console lines, ``metrics.jsonl``, TensorBoard, sample grids.
+"""What a training run writes: console lines, ``metrics.jsonl``, TensorBoard, image grids.
 
-* ``metrics.jsonl``: one JSON object per log event with ``step``, ``stage``,
-  ``alpha``, every loss term by name (the mean over the steps since the last
-  event), ``g_loss``, ``d_loss``, ``gradient_penalty``, gradient norms and
-  ``images_per_sec``.
-* TensorBoard event files (tensorboardX) in ``<workdir>/tensorboard``.
-* ``samples/stage<k>_<step>.png``: rows of LR (nearest) | bicubic | SR | HR.
-* ``log.txt``: the informational lines also printed on the console.
+The one reporter of both trainers:
+
+* :meth:`Reporter.info`: a time-stamped line on the console (above the
+  progress bar) and in ``<workdir>/log.txt``.
+* :meth:`Reporter.scalars`: one JSON object per event in
+  ``<workdir>/metrics.jsonl`` (``step``, the values, ``time``) and the same
+  scalars as TensorBoard events (tensorboardX) in ``<workdir>/tensorboard``.
+* :meth:`Reporter.progress`: the tqdm progress bar.
+* :func:`save_grid`: super-resolution samples, rows of LR (nearest) |
+  bicubic | SR | HR, written atomically as PNG; :func:`save_png` any image.
 """
 
 from __future__ import annotations
@@ -51,12 +54,11 @@ class Reporter:
         finally:
             bar.close()
 
-    def log(self, step: int, stage: int, alpha: float, host_metrics: list[dict], rate: float):
-        rec = {"step": int(step), "stage": int(stage), "alpha": float(alpha)}
-        keys = [k for k in host_metrics[0] if k != "alpha"] if host_metrics else []
-        for k in keys:
-            rec[k] = float(np.mean([m[k] for m in host_metrics]))
-        rec["images_per_sec"] = float(rate)
+    def scalars(self, step: int, values: dict) -> None:
+        """One record of ``metrics.jsonl`` (with ``step`` and ``time``) and TensorBoard scalars."""
+        rec = {"step": int(step)}
+        rec.update({k: v if isinstance(v, int) and not isinstance(v, bool) else float(v)
+                    for k, v in values.items()})
         rec["time"] = time.time()
         self.last = rec
         self._metrics.write(json.dumps(rec) + "\n")
@@ -67,19 +69,6 @@ class Reporter:
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
 
-    def samples(self, g, state, ds, idx, stage: int, alpha: float, step: int) -> str:
-        import jax
-        res = 16 * 2 ** stage
-        lr_u8 = np.asarray(ds.images[16][idx])
-        hr_u8 = np.asarray(ds.images[res][idx])
-        variables = {"params": state.g_params, "batch_stats": state.g_stats}
-        sr = g.apply(variables, lr_u8.astype(np.float32) / 127.5 - 1.0, step=stage, alpha=alpha,
-                     train=False)
-        sr_u8 = np.clip(np.rint((np.asarray(jax.device_get(sr)) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-        path = os.path.join(self.workdir, "samples", f"stage{stage}_{step:07d}.png")
-        save_grid(path, lr_u8, sr_u8, hr_u8)
-        return path
-
     def close(self) -> None:
         for f in (self._metrics, self._log):
             with contextlib.suppress(Exception):
@@ -87,6 +76,14 @@ class Reporter:
         if self._tb is not None:
             with contextlib.suppress(Exception):
                 self._tb.close()
+
+
+def save_png(path: str, image_u8: np.ndarray) -> None:
+    """Writes a uint8 image atomically (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    Image.fromarray(np.asarray(image_u8)).save(tmp)
+    os.replace(tmp, path)
 
 
 def save_grid(path: str, lr_u8: np.ndarray, sr_u8: np.ndarray, hr_u8: np.ndarray) -> None:
@@ -98,7 +95,4 @@ def save_grid(path: str, lr_u8: np.ndarray, sr_u8: np.ndarray, hr_u8: np.ndarray
         near = np.asarray(lr_img.resize((res, res), Image.NEAREST))
         bic = np.asarray(lr_img.resize((res, res), Image.BICUBIC))
         rows.append(np.concatenate([near, bic, sr, hr], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    tmp = path + ".tmp.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    save_png(path, np.concatenate(rows, axis=0))

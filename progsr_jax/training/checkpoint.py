@@ -1,11 +1,13 @@
 """Orbax checkpoints for training, inference and converted official weights.
 
-A checkpoint directory (``<workdir>/checkpoints``) is managed by an Orbax
-``CheckpointManager``; each saved step holds the items
+The one checkpoint and resume path of both trainers.  A checkpoint directory
+(``<workdir>/checkpoints``) is managed by an Orbax ``CheckpointManager``;
+each saved step holds the items
 
-* ``state``: the whole :class:`progsr_jax.train.TrainState` (G, D, both
-  optimiser states, global step; data position and RNG follow from the step),
-  training checkpoints only;
+* ``state``: the whole training state (super-resolution:
+  :class:`progsr_jax.training.sr.TrainState` with G, D, both optimiser
+  states and the global step; distillation: the student and its optimiser);
+  data position and RNG follow from the step;
 * ``generator``: ``{'params', 'batch_stats'}`` of G, what inference loads;
 * ``discriminator``: ``{'params'}`` of D (converted official checkpoints);
 * ``meta``: JSON with ``stage``, ``alpha``, ``iteration``, ``width``, ``dtype``.
@@ -42,13 +44,40 @@ def manager(workdir_or_dir: str, keep: int = 3, create: bool = True) -> ocp.Chec
     return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
-def save(mgr: ocp.CheckpointManager, state, step: int, meta: dict) -> None:
-    tree = serialization.to_state_dict(jax.device_get(state))
-    gen = {"params": tree["g_params"], "batch_stats": tree["g_stats"]}
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                           generator=ocp.args.StandardSave(gen),
-                                           meta=ocp.args.JsonSave(meta)), force=True)
+def save_state(mgr: ocp.CheckpointManager, state, step: int, meta: dict, **trees) -> None:
+    """Saves the training ``state``, its ``meta`` JSON and any further item ``trees``."""
+    items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+    items["state"] = ocp.args.StandardSave(serialization.to_state_dict(jax.device_get(state)))
+    items["meta"] = ocp.args.JsonSave(meta)
+    mgr.save(step, args=ocp.args.Composite(**items), force=True)
     mgr.wait_until_finished()
+
+
+def save(mgr: ocp.CheckpointManager, state, step: int, meta: dict) -> None:
+    """A super-resolution checkpoint: the state plus the generator alone, for inference."""
+    host = jax.device_get(state)
+    gen = {"params": host.g_params, "batch_stats": host.g_stats}
+    save_state(mgr, host, step, meta, generator=gen)
+
+
+def check_run_kind(mgr: ocp.CheckpointManager, meta: dict, what: str,
+                   same: tuple[str, ...]) -> None:
+    """Refuses to resume a run of another kind (``meta['format']``) or with other ``same`` fields."""
+    step = mgr.latest_step()
+    if step is None:
+        return
+    try:
+        old = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception:  # noqa: BLE001 - a checkpoint without meta is reported by restore_latest
+        return
+    if not isinstance(old, dict) or old.get("format") != meta.get("format"):
+        raise UserError(f"{mgr.directory} holds checkpoints of another kind of run "
+                        f"(not {what}); use another --workdir")
+    for key in same:
+        if old.get(key) != meta.get(key):
+            raise UserError(f"{mgr.directory} was trained with {key}={old.get(key)}; this "
+                            f"command has {key}={meta.get(key)} (other teacher heatmaps or "
+                            "images?). Use another --workdir or the same data")
 
 
 def save_converted(directory: str, generator: dict, discriminator: dict | None, meta: dict) -> None:
@@ -155,7 +184,7 @@ def _replace_checked(state, field: str, value, path: str):
                                                           ref, value)})
 
 
-def check_or_write_config(workdir: str, config) -> None:
+def check_or_write_config(workdir: str, config, arch_fields: tuple[str, ...] = ARCH_FIELDS) -> None:
     """Keeps ``config.json`` in the workdir; refuses to resume with another architecture."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
@@ -166,7 +195,7 @@ def check_or_write_config(workdir: str, config) -> None:
             except json.JSONDecodeError:
                 previous = None
         if previous is not None:
-            for dotted in ARCH_FIELDS:
+            for dotted in arch_fields:
                 a, b = _get(previous, dotted), _get(current, dotted)
                 if a != b:
                     raise UserError(f"{workdir} holds a run with {dotted}={a}; this command asks "

@@ -13,7 +13,7 @@ Two container formats are supported:
 Both pickles refer to storages through persistent ids
 ``('storage', storage_type, key, location, numel[, view_metadata])``.
 
-The pickles are read with :class:`progsr_jax.safe_pickle.RestrictedUnpickler`:
+The pickles are read with :class:`progsr_jax.interop.safe_pickle.RestrictedUnpickler`:
 only the globals in :data:`ALLOWED` resolve, and none of them is a real torch
 object.  Tensors become lazy records that are materialised as numpy arrays
 after the storages are read; modules (``torch.nn.Conv2d``, ``fan_model.fan_squeeze``
@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from progsr_jax.errors import UserError
-from progsr_jax.safe_pickle import RestrictedUnpickler, UnsafePickleError
+from progsr_jax.interop.safe_pickle import RestrictedUnpickler, UnsafePickleError
 
 __all__ = ["load_torch_file", "load_torch_object", "extract_state_dict", "ModuleRecord",
            "UnsafePickleError", "LEGACY_MAGIC"]

@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from progsr_jax import layers
+
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -140,12 +142,10 @@ def ssim(a, b, data_range=1.0):
     return ssim_cs(a, b, data_range)[0]
 
 
-def avg_pool2(x):
+def _pool2_floor(x):
     """2x2 average pooling, stride 2, odd sizes floored (``F.avg_pool2d(x, 2)``)."""
-    n, h, w, c = x.shape
-    h2, w2 = h // 2, w // 2
-    x = x[:, :2 * h2, :2 * w2]
-    return x.reshape(n, h2, 2, w2, 2, c).mean(axis=(2, 4))
+    h, w = x.shape[1], x.shape[2]
+    return layers.avg_pool2(x[:, :2 * (h // 2), :2 * (w // 2)])
 
 
 def ssim_scales(a, b, levels: int = len(MS_SSIM_WEIGHTS), data_range=1.0):
@@ -155,7 +155,7 @@ def ssim_scales(a, b, levels: int = len(MS_SSIM_WEIGHTS), data_range=1.0):
     ss, cc = [], []
     for j in range(levels):
         if j:
-            a, b = avg_pool2(a), avg_pool2(b)
+            a, b = _pool2_floor(a), _pool2_floor(b)
         s, cs = ssim_cs(a, b, data_range)
         ss.append(s)
         cc.append(cs)
@@ -251,7 +251,7 @@ def pfsr_batch(sr, hr, mask=None, weights: Sequence[float] = MS_SSIM_WEIGHTS):
     a, b = sr, hr
     for j in range(levels):
         if j:
-            a, b = avg_pool2(a), avg_pool2(b)
+            a, b = _pool2_floor(a), _pool2_floor(b)
         s, cs = ssim_cs(a, b, _pfsr_range(a, mask))
         ss.append(bmean(s))
         cc.append(bmean(cs))

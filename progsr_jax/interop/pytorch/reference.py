@@ -113,22 +113,6 @@ class Discriminator(nn.Module):
         return self.linear2(self.linear(out)).squeeze(1)
 
 
-class StudentFAN(nn.Module):
-    """The distilled FAN ('fan_squeeze'), layer layout of the released file."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 32, 5, 1, 2)
-        self.layers = nn.Sequential(
-            nn.Conv2d(32, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.LeakyReLU(0.01),
-            nn.Conv2d(64, 128, 3, 1, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.01),
-            nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.01),
-            nn.Conv2d(128, 68, 3, 1, 1))
-
-    def forward(self, x):
-        return F.leaky_relu(self.layers(self.conv(x)), 0.01)
-
-
 class VGG16Features(nn.Module):
     """torchvision VGG16 features up to relu4_3 (same layer order as torchvision)."""
 

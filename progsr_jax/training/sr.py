@@ -1,8 +1,9 @@
-"""Progressive training: state, the jitted train step of each stage, and the loop.
+"""The super-resolution trainer: state, the jitted train step of each stage, the run.
 
 Layout follows flax's ``examples/imagenet``: :func:`create_train_state`,
 :func:`make_train_step` (one jit-compiled step per stage) and
-:func:`train_and_evaluate`.
+:func:`train_and_evaluate`, which runs the stages with the shared loop of
+:mod:`progsr_jax.training.core`.
 
 Determinism: the data order is a function of (seed, global step) and the
 randomness of step ``s`` is ``fold_in(PRNGKey(seed), s)``, so a run resumed
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from progsr_jax import checkpoint as ckpt_lib
-from progsr_jax import config_lib, losses, models, vgg
-from progsr_jax.errors import UserError
+from progsr_jax import data as data_lib
+from progsr_jax import losses, models, vgg
+from progsr_jax.training import checkpoint as ckpt_lib
+from progsr_jax.training import config as config_files
+from progsr_jax.training import core, reporting, sr_config
 
 log = logging.getLogger("progsr_jax")
 
@@ -40,7 +41,7 @@ G_GROUPS = {"step1_0": 1, "step1_1": 1, "step1_3": 1, "step1_4": 1, "step1_5": 1
 D_GROUPS = {"from_rgb_0": 1, "step1_0": 1, "equal_conv": 1, "linear": 1, "linear2": 1,
             "from_rgb_1": 2, "step2_0": 2, "from_rgb_2": 3, "step3_0": 3}
 
-METRIC_TERMS = config_lib.LOSS_TERMS
+METRIC_TERMS = sr_config.LOSS_TERMS
 
 
 def split_groups(params: dict, groups: dict[str, int]) -> dict[str, dict]:
@@ -83,7 +84,7 @@ def create_train_state(config, key) -> tuple[TrainState, models.Generator, model
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     kg, kd = jax.random.split(key)
     g, gv = models.init_generator(kg, config.model.width, dtype)
-    d, dv = models.init_discriminator(kd, config_lib.d_width(config), dtype)
+    d, dv = models.init_discriminator(kd, sr_config.d_width(config), dtype)
     tx = make_optimizer(config)
     g_opt = {k: tx.init(v) for k, v in split_groups(gv["params"], G_GROUPS).items()}
     d_opt = {k: tx.init(v) for k, v in split_groups(dv["params"], D_GROUPS).items()}
@@ -98,7 +99,7 @@ CHECKED = METRIC_TERMS + ("g_loss", "d_loss", "gradient_penalty", "g_grad_norm",
 
 
 def nonfinite_names(mask: int) -> list[str]:
-    return [n for i, n in enumerate(CHECKED) if mask & (1 << i)]
+    return core.bit_names(mask, CHECKED)
 
 
 def _apply_groups(tx, grads, opt_state, params, groups, stage):
@@ -122,7 +123,7 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
     gradient norm leaves the state unchanged and is recorded in
     ``bad_step``/``bad_terms``; from then on updates are skipped.
     """
-    w = config_lib.loss_weights(config, stage)
+    w = sr_config.loss_weights(config, stage)
     tx = make_optimizer(config)
     vgg_net = vgg.VGG16Features(dtype=g.dtype)
     key0 = jax.random.PRNGKey(config.seed)
@@ -189,7 +190,7 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
         metrics = dict(terms)
         metrics.update(g_loss=g_loss, d_loss=d_loss, g_grad_norm=_global_norm(g_grads),
                        d_grad_norm=d_grad_norm, **d_aux)
-        bits = sum(jnp.where(jnp.isfinite(metrics[n]), 0, 1 << i) for i, n in enumerate(CHECKED))
+        bits = core.nonfinite_bits(metrics, CHECKED)
         ok = (bits == 0) & (state.bad_step < 0)
         new = state.replace(step=state.step + 1, g_params=g_params, g_stats=g_stats,
                             d_params=d_params, g_opt=g_opt, d_opt=d_opt)
@@ -197,7 +198,7 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
             step=state.step + 1,
             bad_step=jnp.where(state.bad_step < 0, state.step, state.bad_step).astype(jnp.int32),
             bad_terms=jnp.where(state.bad_step < 0, bits, state.bad_terms).astype(jnp.int32))
-        state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, frozen)
+        state = core.keep_if_finite(ok, new, frozen)
         metrics["alpha"] = jnp.asarray(alpha, jnp.float32)
         return state, metrics
 
@@ -230,66 +231,26 @@ def stage_at(config, step: int) -> tuple[int, int]:
     return k, step - begin
 
 
-# --------------------------------------------------------------------------- loop
-
-
-class _Stop:
-    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # second signal: give up immediately
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def _to_float_images(u8: np.ndarray) -> np.ndarray:
-    return u8.astype(np.float32) / 127.5 - 1.0
+# --------------------------------------------------------------------------- the run
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Trains stages ``start_stage..final_stage`` in ``workdir``; resumes if it holds a checkpoint."""
-    from progsr_jax import reporting
-
-    devices = jax.devices()
-    config_lib.validate(config, len(devices))
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK):
-        raise UserError(f"workdir {workdir} is not writable")
+    sr_config.validate(config, len(jax.devices()))
+    core.prepare_workdir(workdir)
     ckpt_lib.check_or_write_config(workdir, config)
     reporter = reporting.Reporter(workdir)
     try:  # the log files and TensorBoard writer are closed however the run ends
-        return _train(config, workdir, devices, reporter)
+        return _train(config, workdir, reporter)
     finally:
         reporter.close()
 
 
-def _train(config, workdir: str, devices, reporter) -> TrainState:
-    from progsr_jax import data as data_lib
+def _train(config, workdir: str, reporter) -> TrainState:
+    reporter.info(core.describe_devices())
+    shard = core.data_parallel()
 
-    reporter.info(f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}); "
-                  f"process {jax.process_index()} of {jax.process_count()}")
-
-    mesh = Mesh(np.array(devices), ("data",))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
-
-    ds = data_lib.build_dataset(_data_cfg(config), log=reporter.info)
+    ds = data_lib.build_dataset(config_files.data_config(config), log=reporter.info)
     reporter.info(f"data: {len(ds)} images from {config.data.source} "
                   f"({config.data.root or 'built-in'}, split {config.data.split})")
 
@@ -302,14 +263,14 @@ def _train(config, workdir: str, devices, reporter) -> TrainState:
     elif config.init_from:
         state = ckpt_lib.init_from_pretrained(state, config.init_from)
         reporter.info(f"initialised G (and D if present) from {config.init_from}")
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(state, shard.replicated)
 
-    vgg_params = jax.device_put(vgg.load_vgg16_features_params(), replicated)
+    vgg_params = jax.device_put(vgg.load_vgg16_features_params(), shard.replicated)
     fan_module, fan_vars = None, None
     if config.fan.checkpoint:
         from progsr_jax import landmarks
         fan_module, fan_vars = landmarks.load_variables(config.fan.checkpoint)
-        fan_vars = jax.device_put(fan_vars, replicated)
+        fan_vars = jax.device_put(fan_vars, shard.replicated)
         reporter.info(f"heatmap and attention losses use the FAN at {config.fan.checkpoint}")
     elif config.final_stage > 1:
         reporter.info("fan.checkpoint is not set: the heatmap and attention losses are off")
@@ -319,77 +280,77 @@ def _train(config, workdir: str, devices, reporter) -> TrainState:
     sample_idx = np.arange(min(config.num_samples, len(ds)))
     start_time = time.time()
 
-    with _Stop() as stop, reporter.progress(total, int(state.step)) as bar:
+    def check(state):
+        bad = int(jax.device_get(state.bad_step))
+        if bad >= 0:
+            names = nonfinite_names(int(jax.device_get(state.bad_terms)))
+            manager.wait_until_finished()
+            error = core.diverged(names, bad, manager.latest_step(),
+                                  "lower optim.lr or check the data")
+            reporter.info(f"non-finite {', '.join(names)} at iteration {bad}; training stopped")
+            raise error
+
+    with core.StopSignal() as stop, reporter.progress(total, int(state.step)) as bar:
         for stage, begin, end in schedule:
             if int(state.step) >= end:
                 continue
-            step_fn = make_train_step(config, g, d, stage, fan_vars is not None, fan_module)
-            jitted = jax.jit(step_fn, donate_argnums=(0,),
-                             in_shardings=(replicated, batch_sharding, None, replicated, replicated),
-                             out_shardings=(replicated, replicated))
+            jitted = jax.jit(make_train_step(config, g, d, stage, fan_vars is not None, fan_module),
+                             donate_argnums=(0,),
+                             in_shardings=(shard.replicated, shard.batch, None, shard.replicated,
+                                           shard.replicated),
+                             out_shardings=(shard.replicated, shard.replicated))
             reporter.info(f"stage {stage}: {16 * 2 ** stage}x{16 * 2 ** stage} output, "
                           f"iterations {begin}..{end - 1}")
-            pending, t_last, n_last = [], time.time(), int(state.step)
-            with data_lib.Prefetcher(ds, int(state.step), end, config.batch_size, config.seed,
-                                     stage, sharding=batch_sharding,
+
+            def step_fn(state, step, batch, stage=stage, begin=begin, jitted=jitted):
+                alpha = alpha_at(config, stage, step - begin)
+                return jitted(state, batch, np.float32(alpha), vgg_params, fan_vars)
+
+            def log(done, host, rate, stage=stage, begin=begin):
+                alpha = alpha_at(config, stage, done - 1 - begin)
+                reporter.scalars(done, {"stage": stage, "alpha": alpha,
+                                        **core.mean_metrics(host, skip=("alpha",)),
+                                        "images_per_sec": rate})
+                bar.set_postfix(stage=stage, g=f"{reporter.last['g_loss']:.3f}",
+                                d=f"{reporter.last['d_loss']:.3f}")
+
+            def after_step(done, state, last, stage=stage, begin=begin):
+                if done % config.sample_every == 0 or last:
+                    alpha = alpha_at(config, stage, done - 1 - begin)
+                    write_samples(workdir, g, state, ds, sample_idx, stage, alpha, done)
+
+            def save(done, state, stage=stage, begin=begin):
+                alpha = alpha_at(config, stage, done - 1 - begin)
+                ckpt_lib.save(manager, state, done, _meta(config, stage, alpha, done - begin))
+
+            loader = data_lib.batch_loader(ds, config.batch_size, config.seed, stage)
+            with data_lib.Prefetcher(loader, int(state.step), end, sharding=shard.batch,
                                      buffer=config.data.prefetch) as batches:
-                for step, batch in batches:
-                    alpha = alpha_at(config, stage, step - begin)
-                    state, metrics = jitted(state, batch, np.float32(alpha), vgg_params, fan_vars)
-                    pending.append(metrics)
-                    done = step + 1
-                    bar.update(1)
-                    last = done == end
-                    if done % config.log_every == 0 or last or stop.signal:
-                        host = jax.device_get(pending)
-                        pending = []
-                        _check_finite(state, reporter, manager)
-                        now = time.time()
-                        rate = (done - n_last) * config.batch_size / max(now - t_last, 1e-9)
-                        t_last, n_last = now, done
-                        reporter.log(done, stage, alpha, host, rate)
-                        bar.set_postfix(stage=stage, g=f"{reporter.last['g_loss']:.3f}",
-                                        d=f"{reporter.last['d_loss']:.3f}")
-                    if done % config.sample_every == 0 or last:
-                        reporter.samples(g, state, ds, sample_idx, stage, alpha, done)
-                    if done % config.checkpoint_every == 0 or last or stop.signal:
-                        _check_finite(state, reporter, manager)
-                        ckpt_lib.save(manager, state, done, _meta(config, stage, alpha, done - begin))
-                    if stop.signal:
-                        manager.wait_until_finished()
-                        reporter.info(f"stopped by signal {stop.signal} at iteration {done}; "
-                                      "checkpoint saved, re-run the same command to resume")
-                        raise SystemExit(0)
+                state = core.train_loop(
+                    state, step_fn, batches, end=end, batch_size=config.batch_size,
+                    log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                    hooks=core.Hooks(log=log, save=save, check=check, after_step=after_step),
+                    stop=stop, bar=bar, info=reporter.info)
     manager.wait_until_finished()
     reporter.info(f"finished {total} iterations in {time.time() - start_time:.0f} s")
     return state
 
 
-def _data_cfg(config):
-    import ml_collections
-    c = ml_collections.ConfigDict(config.data.to_dict())
-    c.seed = config.seed
-    if c.num_workers is None or c.num_workers < 0:
-        c.num_workers = os.cpu_count() or 1
-    return c
+def write_samples(workdir: str, g, state: TrainState, ds, idx, stage: int, alpha: float,
+                  step: int) -> str:
+    """``samples/stage<k>_<step>.png``: LR | bicubic | SR | HR rows of the first images."""
+    res = 16 * 2 ** stage
+    lr_u8 = np.asarray(ds.images[16][idx])
+    hr_u8 = np.asarray(ds.images[res][idx])
+    variables = {"params": state.g_params, "batch_stats": state.g_stats}
+    sr = g.apply(variables, data_lib.to_float(lr_u8), step=stage, alpha=alpha, train=False)
+    path = os.path.join(workdir, "samples", f"stage{stage}_{step:07d}.png")
+    reporting.save_grid(path, lr_u8, data_lib.to_uint8(jax.device_get(sr)), hr_u8)
+    return path
 
 
 def _meta(config, stage, alpha, iteration):
     return {"stage": stage, "alpha": float(alpha), "iteration": int(iteration),
-            "width": float(config.model.width), "d_width": config_lib.d_width(config),
+            "width": float(config.model.width), "d_width": sr_config.d_width(config),
             "dtype": config.model.dtype,
             "format": ckpt_lib.FORMAT}
-
-
-def _check_finite(state: TrainState, reporter, manager) -> None:
-    bad = int(jax.device_get(state.bad_step))
-    if bad >= 0:
-        names = nonfinite_names(int(jax.device_get(state.bad_terms)))
-        manager.wait_until_finished()
-        latest = manager.latest_step()
-        where = f"the last good checkpoint is iteration {latest}" if latest is not None else \
-            "no checkpoint had been saved yet"
-        reporter.info(f"non-finite {', '.join(names)} at iteration {bad}; training stopped; {where}")
-        reporter.close()
-        raise UserError(f"training diverged: non-finite {', '.join(names)} at iteration {bad} "
-                        f"({where}); lower optim.lr or check the data")

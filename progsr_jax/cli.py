@@ -1,0 +1,120 @@
+"""The one command-line style of every command and tool.
+
+Every command (``python -m progsr_jax.main|distill|evaluate|evaluate_landmarks|infer|bench``
+and ``tools/*.py``) is written the same way::
+
+    def define(fv):                       # its flags, absl style: --name=value
+        flags.DEFINE_string("output", None, "...", flag_values=fv)
+
+    def main(argv=None) -> int:           # argv as sys.argv: program name first
+        fv = cli.parse(argv, define, __doc__)   # config="configs/x.py" adds --config
+        ...                               # raise UserError for anything the user can fix
+        return 0
+
+    if __name__ == "__main__":
+        cli.run(main)
+
+:func:`parse` reads the flags into a private ``FlagValues`` (no global state,
+so tests call ``main([...])`` in-process), prints the module docstring and the
+flags for ``--help``, and turns a bad flag, a bad ``--config`` file or an
+unexpected argument into a :class:`UserError`.  :func:`run` prints a
+``UserError`` as one ``error: ...`` line with exit status 2 (see
+:func:`progsr_jax.errors.run_cli`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence
+
+from absl import flags
+
+from progsr_jax.errors import UserError, run_cli
+
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None],
+          doc: str, config: str | None = None) -> flags.FlagValues:
+    """Parses ``argv`` (``sys.argv`` when None) with the flags ``define`` declares.
+
+    ``config``: the command takes ``--config=FILE[:variant]`` (``config`` is an
+    example shown in its help) and every ``--config.<field>=value`` override
+    (ml_collections' ``config_flags``).  ``--help`` prints ``doc`` and the
+    flags and exits 0; a positional argument is a UserError.
+    """
+    fv, args = _parse(argv, define, doc, config)
+    if args:
+        raise UserError(f"unexpected argument(s): {' '.join(args)} (flags are --name=value)")
+    return fv
+
+
+def parse_command(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None],
+                  doc: str, commands: Sequence[str]) -> tuple[str, flags.FlagValues]:
+    """Like :func:`parse` for a tool whose first argument names a sub-command."""
+    fv, args = _parse(argv, define, doc, None)
+    if not args or args[0] not in commands:
+        got = f" {args[0]!r}" if args else ""
+        raise UserError(f"unknown or missing command{got}; use one of: {', '.join(commands)}")
+    if len(args) > 1:
+        raise UserError(f"unexpected argument(s): {' '.join(args[1:])} (flags are --name=value)")
+    return args[0], fv
+
+
+def _parse(argv, define, doc, config) -> tuple[flags.FlagValues, list[str]]:
+    argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
+    define(fv)
+    if config:
+        from ml_collections import config_flags
+
+        config_flags.DEFINE_config_file("config", None, f"configuration file, e.g. {config}",
+                                        flag_values=fv, lock_config=True, sys_argv=argv)
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print((doc or "").strip())
+        print()
+        print(fv.get_help(include_special_flags=False))
+        sys.exit(0)
+    try:
+        rest = fv(argv)
+    except flags.Error as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    except Exception as e:  # noqa: BLE001 - config files: missing, bad variant, bad override
+        raise UserError(f"could not load the configuration: {str(e).splitlines()[0]}") from None
+    if config:
+        _check_config(fv, config)
+    return fv, list(rest[1:])
+
+
+def _check_config(fv: flags.FlagValues, example: str) -> None:
+    """``--config`` given and loaded (config_flags defers a load error to first use)."""
+    if fv.config is None:
+        raise UserError(f"--config is required, e.g. --config={example}")
+    try:
+        fv.config.keys()
+    except OSError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise UserError(f"could not load the configuration {fv['config'].config_filename}: "
+                        f"{lines[-1]}") from None
+
+
+def require(fv: flags.FlagValues, *names: str) -> None:
+    """A UserError naming the first of ``names`` that was not given."""
+    for name in names:
+        if fv[name].value in (None, ""):
+            raise UserError(f"--{name} is required (see --help)")
+
+
+def quiet_libraries() -> None:
+    """Keeps Orbax's and absl's INFO lines off the console."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Runs a command's ``main()`` and exits: a UserError is one line, exit status 2."""
+    quiet_libraries()
+    run_cli(main)

@@ -1,0 +1,405 @@
+"""Super-resolution evaluation: the methods, the batch scorer, the loop and its outputs.
+
+The engine behind ``python -m progsr_jax.evaluate`` (whose docstring tells the
+data, the methods, the two protocols and the files written).  One pass over
+the files in order: decode in threads (:func:`~progsr_jax.evaluation.crops.loaded_batches`),
+super-resolve a batch with a :class:`Method`, score it with one jit-compiled
+:class:`BatchScorer` (per-image metrics, LPIPS, and the pfsr batch scores),
+then write ``metrics.json``, ``per_image.csv`` and ``comparison.png``.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from progsr_jax import data
+from progsr_jax.errors import UserError
+from progsr_jax.evaluation import crops
+from progsr_jax.evaluation.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
+
+METHODS = ("model", "bicubic", "bilinear")
+PROTOCOLS = ("standard", "pfsr")
+SOURCES = ("celeba", "folder", "faces68")
+CROPS = ("auto", "celeba", "square", "none", "landmarks")
+METRIC_KEYS = ("psnr", "ssim", "ms_ssim", "lpips", "psnr_y", "ssim_y")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """One evaluation; the fields are the flags of ``python -m progsr_jax.evaluate``."""
+
+    data_root: str
+    output: str
+    checkpoint: str | None = None
+    split: str = "test"
+    method: str = "model"
+    protocol: str = "standard"
+    batch_size: int = 16
+    source: str = "celeba"
+    crop: str = "auto"
+    crop_scale: float = DEFAULT_CROP_SCALE
+    crop_shift: float = DEFAULT_CROP_SHIFT
+    limit: int | None = None
+    clip: bool | None = None  # None: clip unless protocol == 'pfsr'
+    lpips: bool = True
+    workers: int = 2
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- methods
+def pil_upscale(lr_u8: np.ndarray, size: int, resample: int) -> np.ndarray:
+    """(B, h, w, 3) uint8 -> (B, size, size, 3) uint8 with a PIL filter."""
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), resample), np.uint8)
+                     for x in lr_u8])
+
+
+class Method:
+    """Maps a batch of 16x16 uint8 inputs to float32 SR outputs in [0, 1] (or unclipped)."""
+
+    name: str
+    output_size: int
+    stage: int
+    checkpoint: str | None = None
+
+    def __call__(self, lr_u8: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def images(self, lr_u8: np.ndarray) -> np.ndarray:
+        """The SR outputs as uint8 images (for looking at, not for scoring)."""
+        raise NotImplementedError
+
+
+class PilMethod(Method):
+    def __init__(self, name: str, output_size: int = 128):
+        self.name, self.output_size = name, output_size
+        self.stage = int(round(math.log2(output_size // 16)))
+        self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[name]
+
+    def images(self, lr_u8):
+        return pil_upscale(lr_u8, self.output_size, self.resample)
+
+    def __call__(self, lr_u8):
+        return self.images(lr_u8).astype(np.float32) / 255.0
+
+
+class ModelMethod(Method):
+    """A loaded generator; batches are padded to ``batch_size`` (one compiled shape)."""
+
+    def __init__(self, checkpoint: str | None, batch_size: int, clip: bool = True):
+        if not checkpoint:
+            raise UserError("--method=model needs --checkpoint=PATH (a training workdir, a "
+                            "checkpoint directory or a converted official checkpoint); "
+                            "use --method=bicubic or --method=bilinear for the baselines")
+        if not os.path.exists(checkpoint):
+            raise UserError(f"checkpoint not found: {checkpoint}")
+        from progsr_jax import inference
+
+        self.sr = inference.load(checkpoint)
+        self.name = "model"
+        self.checkpoint = checkpoint
+        self.batch_size = batch_size
+        self.clip = clip
+        self.stage = int(getattr(self.sr, "step", 3))
+        self.output_size = int(getattr(self.sr, "output_size", 16 * 2 ** self.stage))
+
+    def generate(self, lr_u8: np.ndarray) -> np.ndarray:
+        """The generator's raw outputs (about [-1, 1], not clipped), float32."""
+        x = data.to_float(lr_u8)
+        k = x.shape[0]
+        out = []
+        for i in range(0, k, self.batch_size):
+            xb = x[i:i + self.batch_size]
+            n = xb.shape[0]
+            if n < self.batch_size:
+                xb = np.concatenate([xb, np.zeros((self.batch_size - n,) + xb.shape[1:],
+                                                  np.float32)])
+            y = np.asarray(self.sr(xb), np.float32)[:n]
+            out.append(y)
+        return np.concatenate(out)
+
+    def images(self, lr_u8):
+        return data.to_uint8(self.generate(lr_u8))
+
+    def __call__(self, lr_u8):
+        y = 0.5 * self.generate(lr_u8) + 0.5
+        return np.clip(y, 0.0, 1.0) if self.clip else y
+
+
+def make_method(cfg: EvalConfig) -> Method:
+    if cfg.method == "model":
+        return ModelMethod(cfg.checkpoint, cfg.batch_size, cfg.clip)
+    if cfg.method in ("bicubic", "bilinear"):
+        return PilMethod(cfg.method, 128)
+    raise UserError(f"unknown --method={cfg.method}; expected one of {', '.join(METHODS)}")
+
+
+# ---------------------------------------------------------------- metrics
+class BatchScorer:
+    """Jit-compiled per-image metrics (+ the pfsr batch scores) for one padded batch shape."""
+
+    def __init__(self, use_lpips: bool, pfsr: bool):
+        import jax
+
+        from progsr_jax.evaluation import metrics
+
+        self.lpips = metrics.LPIPS() if use_lpips else None
+        self.pfsr = pfsr
+
+        def score(lp_params, sr, hr, mask):
+            out = metrics.per_image_metrics(sr, hr)
+            if self.lpips is not None:
+                out["lpips"] = self.lpips.apply(lp_params, sr, hr)
+            if pfsr:
+                out["pfsr"] = metrics.pfsr_batch(sr, hr, mask)
+            return out
+
+        self._score = jax.jit(score)
+
+    def __call__(self, sr: np.ndarray, hr: np.ndarray, batch_size: int) -> tuple[dict, Any]:
+        import jax
+
+        n = sr.shape[0]
+        mask = np.arange(batch_size) < n
+        if n < batch_size:
+            pad = ((0, batch_size - n), (0, 0), (0, 0), (0, 0))
+            sr, hr = np.pad(sr, pad), np.pad(hr, pad)
+        params = self.lpips.params if self.lpips is not None else None
+        out = jax.device_get(self._score(params, sr, hr, mask))
+        pfsr = out.pop("pfsr", None)
+        return {k: np.asarray(v)[:n] for k, v in out.items()}, pfsr
+
+
+@functools.lru_cache(maxsize=4)
+def _scorer(use_lpips: bool, pfsr: bool) -> BatchScorer:
+    """One compiled scorer per configuration and process (evaluate() may run many times)."""
+    return BatchScorer(use_lpips, pfsr)
+
+
+# ------------------------------------------------------------------ output
+def _json_float(v):
+    v = float(v)
+    return v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+
+
+def _tile(img_u8: np.ndarray, size: int) -> Image.Image:
+    im = Image.fromarray(img_u8)
+    return im if im.size == (size, size) else im.resize((size, size), Image.NEAREST)
+
+
+def comparison_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                    sr_label: str = "SR") -> Image.Image:
+    """Grid image: one row per ``(label, lr, bicubic, sr, hr)`` (uint8 HWC arrays).
+
+    Every tile is shown at ``max(128, hr size)`` px (nearest-neighbour
+    enlargement), with a header line of column names and a row label.
+    """
+    size = max(128, max(r[4].shape[0] for r in rows))
+    label_w, head_h, gap = 120, 16, 2
+    cols = ("LR (nearest)", "bicubic", sr_label, "HR")
+    w = label_w + len(cols) * (size + gap)
+    h = head_h + len(rows) * (size + gap)
+    grid = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for j, name in enumerate(cols):
+        draw.text((label_w + j * (size + gap) + 2, 2), name, fill=(0, 0, 0))
+    for i, (label, *tiles) in enumerate(rows):
+        y = head_h + i * (size + gap)
+        for k, line in enumerate(label.split("\n")):
+            draw.text((2, y + 2 + 12 * k), line, fill=(0, 0, 0))
+        for j, t in enumerate(tiles):
+            grid.paste(_tile(t, size), (label_w + j * (size + gap), y))
+    return grid
+
+
+# ---------------------------------------------------------------- listing
+def list_eval_files(cfg: EvalConfig) -> tuple[list[str], str]:
+    """(files, crop) for the configured source; UserError when there are none."""
+    if not cfg.data_root:
+        raise UserError("--data_root=DIR is required")
+    root = os.path.abspath(os.path.expanduser(cfg.data_root))
+    if not os.path.isdir(root):
+        raise UserError(f"--data_root is not a folder: {root}")
+    if cfg.source == "celeba":
+        files = data.list_files("celeba", root, cfg.split)
+    elif cfg.source in ("folder", "faces68"):
+        files = data.list_files("folder", root, "all")
+    else:
+        raise UserError(f"unknown --source={cfg.source}; expected one of {', '.join(SOURCES)}")
+    crop = cfg.crop
+    if crop == "auto":
+        crop = {"celeba": "celeba", "folder": "square", "faces68": "landmarks"}[cfg.source]
+    if crop not in CROPS[1:]:
+        raise UserError(f"unknown --crop={crop}; expected one of {', '.join(CROPS)}")
+    if cfg.limit is not None:
+        files = files[:cfg.limit]
+    if not files:
+        raise UserError(f"no images to evaluate under {root}")
+    return files, crop
+
+
+# -------------------------------------------------------------- evaluate
+def _check_config(cfg: EvalConfig) -> None:
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown --method={cfg.method}; expected one of {', '.join(METHODS)}")
+    if cfg.protocol not in PROTOCOLS:
+        raise UserError(f"unknown --protocol={cfg.protocol}; expected one of "
+                        f"{', '.join(PROTOCOLS)}")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.crop_scale <= 0:
+        raise UserError(f"--crop_scale must be > 0, got {cfg.crop_scale}")
+
+
+def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
+    """Runs the evaluation described by ``cfg``; writes the outputs; returns metrics.json."""
+    from progsr_jax.evaluation import metrics
+
+    if cfg.clip is None:
+        cfg = dataclasses.replace(cfg, clip=cfg.protocol != "pfsr")
+    _check_config(cfg)
+    out_dir = crops.check_output(cfg.output)
+    files, crop = list_eval_files(cfg)
+    root = os.path.abspath(os.path.expanduser(cfg.data_root))
+    method = make_method(cfg)
+    size = method.output_size
+    notes = []
+    if size not in (32, 64, 128):
+        raise UserError(f"the model's output size is {size}; expected 32, 64 or 128")
+    if size != 128:
+        notes.append(f"the model is at step {method.stage}: its {size}x{size} outputs are "
+                     f"scored against the {size}x{size} targets, not 128x128")
+        log(f"note: {notes[-1]}")
+    if cfg.method == "model" and not cfg.clip:
+        notes.append("outputs not clipped to [0, 1] (--noclip)")
+
+    loader = crops.Loader(crop, cfg.crop_scale, cfg.crop_shift)
+    scorer = _scorer(bool(cfg.lpips), cfg.protocol == "pfsr")
+    pfsr_acc = metrics.PfsrAccumulator()
+    names: list[str] = []
+    values: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    skipped: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    t_first = None
+    first_count = 0
+    for batch in crops.loaded_batches(files, loader, cfg.batch_size, skipped, cfg.workers,
+                                      desc=f"evaluate {cfg.method}", progress=cfg.progress):
+        lr = np.stack([b[1][16] for b in batch])
+        hr = np.stack([b[1][size] for b in batch]).astype(np.float32) / np.float32(255.0)
+        vals, pf = scorer(method(lr), hr, cfg.batch_size)
+        for k, v in vals.items():
+            values[k].append(v)
+        if pf is not None:
+            pfsr_acc.add(*pf)
+        names.extend(b[0] for b in batch)
+        if t_first is None:
+            t_first = time.perf_counter()
+            first_count = len(batch)
+    t_end = time.perf_counter()
+    if not names:
+        raise UserError(f"none of the {len(files)} files could be used "
+                        f"(e.g. {crops.rel_path(skipped[0][0], root)}: {skipped[0][1]})")
+    for p, r in skipped:
+        log(f"skipped {crops.rel_path(p, root)}: {r}")
+    per_image = {k: np.concatenate(v) for k, v in values.items()}
+    n = len(names)
+    means = {k: float(np.mean(per_image[k].astype(np.float64))) if k in per_image else None
+             for k in METRIC_KEYS}
+    result: dict[str, Any] = dict(means)
+    pfsr = None
+    if cfg.protocol == "pfsr":
+        pfsr = pfsr_acc.result()
+        result.update(pfsr)
+        if not all(math.isfinite(v) for v in pfsr.values()):
+            notes.append("a pfsr batch score is not finite (e.g. a negative mean cs at some "
+                         "scale makes the released MS-SSIM formula NaN)")
+    seconds = t_end - t0
+    steady = (n - first_count) / (t_end - t_first) if t_first and n > first_count else None
+    result = {k: _json_float(v) if v is not None else None for k, v in result.items()}
+    result.update(
+        num_images=n,
+        protocol=cfg.protocol,
+        method=cfg.method,
+        checkpoint=os.path.abspath(cfg.checkpoint) if cfg.method == "model" else None,
+        stage=method.stage,
+        output_size=size,
+        skipped=[crops.rel_path(p, root) for p, _ in skipped],
+        skipped_reasons={crops.rel_path(p, root): r for p, r in skipped},
+        per_image_mean={k: _json_float(v) if v is not None else None for k, v in means.items()},
+        pfsr=({k: _json_float(v) for k, v in pfsr.items()} if pfsr else None),
+        num_batches=math.ceil(n / cfg.batch_size),
+        batch_size=cfg.batch_size,
+        clip=bool(cfg.clip) if cfg.method == "model" else None,
+        source=cfg.source,
+        split=cfg.split if cfg.source == "celeba" else None,
+        crop=crop,
+        crop_scale=cfg.crop_scale if crop == "landmarks" else None,
+        crop_shift=cfg.crop_shift if crop == "landmarks" else None,
+        data_root=root,
+        seconds=round(seconds, 3),
+        images_per_second=round(n / seconds, 2) if seconds > 0 else None,
+        images_per_second_after_first_batch=round(steady, 2) if steady else None,
+        notes=notes,
+    )
+    _write_outputs(out_dir, result, names, per_image, root)
+    _write_comparison(out_dir, names, per_image["psnr"], loader, method, size,
+                      cfg.method, root)
+    return result
+
+
+def _write_outputs(out_dir, result, names, per_image, root):
+    try:
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(("file",) + METRIC_KEYS)
+            for i, name in enumerate(names):
+                row = [crops.rel_path(name, root)]
+                for k in METRIC_KEYS:
+                    row.append(f"{float(per_image[k][i]):.6f}" if k in per_image else "")
+                w.writerow(row)
+    except OSError as e:
+        raise UserError(f"cannot write results to {out_dir}: {e.strerror or e}") from None
+
+
+def _write_comparison(out_dir, names, psnrs, loader, method, size, method_name, root):
+    order = np.argsort(-np.asarray(psnrs, np.float64), kind="stable")
+    picks = [("best", order[0]), ("median", order[len(order) // 2]), ("worst", order[-1])]
+    arrays = [loader(names[i]) for _, i in picks]
+    lr = np.stack([a[16] for a in arrays])
+    sr = method.images(lr)
+    bic = pil_upscale(lr, size, Image.BICUBIC)
+    rows = []
+    for (label, i), a, s, b in zip(picks, arrays, sr, bic):
+        name = os.path.basename(names[i])
+        rows.append((f"{label}\n{psnrs[i]:.2f} dB\n{name[:18]}", a[16], b, s, a[size]))
+    try:
+        comparison_grid(rows, sr_label=f"SR ({method_name})").save(
+            os.path.join(out_dir, "comparison.png"))
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir}/comparison.png: {e.strerror or e}") from None
+
+
+def summary(result: dict) -> str:
+    """One console line: the method, the protocol and every metric of ``result``."""
+    def f(k, fmt):
+        v = result.get(k)
+        return "n/a" if v is None or isinstance(v, str) else format(v, fmt)
+
+    return (f"{result['method']} ({result['protocol']}, {result['num_images']} images, "
+            f"{result['output_size']}px): PSNR {f('psnr', '.4f')}  SSIM {f('ssim', '.4f')}  "
+            f"MS-SSIM {f('ms_ssim', '.4f')}  LPIPS {f('lpips', '.4f')}  "
+            f"PSNR-Y {f('psnr_y', '.4f')}  SSIM-Y {f('ssim_y', '.4f')}  "
+            f"[{result['images_per_second']} img/s]")

@@ -1,0 +1,165 @@
+"""The training machinery both trainers share.
+
+* :func:`data_parallel`: the device mesh and the two shardings of data
+  parallelism (replicated state, batch split over the ``data`` axis).
+* :func:`prepare_workdir`: create and check the run folder.
+* :class:`StopSignal`: SIGTERM/SIGINT ask the loop to checkpoint and exit.
+* :func:`nonfinite_bits` / :func:`keep_if_finite`: the in-graph non-finite
+  check: a step whose loss or gradient norm is not finite leaves the state
+  as it was, and says which terms were bad.
+* :func:`train_loop`: the loop itself: steps from a prefetcher, metrics
+  averaged over each log window (with images/s), hooks after every step, a
+  checkpoint every ``checkpoint_every`` steps, at the end and on a signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from progsr_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+    mesh: Mesh
+    replicated: NamedSharding  # parameters, optimiser state, scalars
+    batch: NamedSharding  # the leading (batch) axis split over all devices
+
+
+def data_parallel(devices: Sequence[Any] | None = None) -> Shardings:
+    """Data parallelism over ``devices`` (default: all, on every host)."""
+    mesh = Mesh(np.array(list(devices or jax.devices())), ("data",))
+    return Shardings(mesh, NamedSharding(mesh, PartitionSpec()),
+                     NamedSharding(mesh, PartitionSpec("data")))
+
+
+def describe_devices() -> str:
+    devices = jax.devices()
+    return (f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}); "
+            f"process {jax.process_index()} of {jax.process_count()}")
+
+
+def prepare_workdir(workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+        raise UserError(f"workdir {workdir} is not writable")
+
+
+class StopSignal:
+    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits cleanly.
+
+    A second signal gives up at once (KeyboardInterrupt).
+    """
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def nonfinite_bits(metrics: dict, names: Sequence[str]) -> jnp.ndarray:
+    """In-graph bitmask: bit ``i`` is set when ``metrics[names[i]]`` is not finite."""
+    return sum(jnp.where(jnp.isfinite(metrics[n]), 0, 1 << i) for i, n in enumerate(names))
+
+
+def bit_names(mask: int, names: Sequence[str]) -> list[str]:
+    return [n for i, n in enumerate(names) if int(mask) & (1 << i)]
+
+
+def keep_if_finite(ok, new_state, old_state):
+    """``new_state`` where ``ok`` (a scalar bool), else ``old_state``, leaf by leaf (in-graph)."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_state, old_state)
+
+
+def diverged(names: Iterable[str], step: int, latest_checkpoint: int | None,
+             hint: str) -> UserError:
+    """The one-line error of a run that met a non-finite loss or gradient."""
+    where = (f"the last good checkpoint is iteration {latest_checkpoint}"
+             if latest_checkpoint is not None else "no checkpoint had been saved yet")
+    return UserError(f"training diverged: non-finite {', '.join(names)} at iteration {step} "
+                     f"({where}); {hint}")
+
+
+def mean_metrics(host_metrics: list[dict], skip: Iterable[str] = ()) -> dict[str, float]:
+    """The mean of each metric over the steps of one log window."""
+    skip = set(skip)
+    keys = [k for k in host_metrics[0] if k not in skip] if host_metrics else []
+    return {k: float(np.mean([m[k] for m in host_metrics])) for k in keys}
+
+
+@dataclasses.dataclass
+class Hooks:
+    """What a trainer does around the shared loop (see :func:`train_loop`).
+
+    ``log(done, host_metrics, images_per_sec)`` every ``log_every`` steps, at
+    the end and on a signal, after ``check(state)``; ``after_step(done,
+    state, last)`` after every step (samples, validation); ``save(done,
+    state)`` every ``checkpoint_every`` steps, at the end and on a signal.
+    """
+
+    log: Callable[[int, list, float], None]
+    save: Callable[[int, Any], None]
+    check: Callable[[Any], None] = lambda state: None
+    after_step: Callable[[int, Any, bool], None] = lambda done, state, last: None
+
+
+def train_loop(state, step_fn: Callable, batches: Iterable, *, end: int, batch_size: int,
+               log_every: int, checkpoint_every: int, hooks: Hooks, stop: StopSignal, bar,
+               info: Callable[[str], None]):
+    """Runs ``state, metrics = step_fn(state, step, batch)`` for each ``(step, batch)``.
+
+    Metrics stay on the device until a log step.  On a signal the loop saves
+    a checkpoint and exits the process with status 0 (re-running the same
+    command resumes).
+    """
+    pending, t_last, n_last = [], time.time(), None
+    for step, batch in batches:
+        if n_last is None:
+            n_last = step
+        state, metrics = step_fn(state, step, batch)
+        pending.append(metrics)
+        done = step + 1
+        bar.update(1)
+        last = done == end
+        if done % log_every == 0 or last or stop.signal:
+            host = jax.device_get(pending)
+            pending = []
+            hooks.check(state)
+            now = time.time()
+            rate = (done - n_last) * batch_size / max(now - t_last, 1e-9)
+            t_last, n_last = now, done
+            hooks.log(done, host, rate)
+        hooks.after_step(done, state, last)
+        if done % checkpoint_every == 0 or last or stop.signal:
+            hooks.check(state)
+            hooks.save(done, state)
+        if stop.signal:
+            info(f"stopped by signal {stop.signal} at iteration {done}; checkpoint saved, "
+                 "re-run the same command to resume")
+            raise SystemExit(0)
+    return state
