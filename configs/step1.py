@@ -1,11 +1,11 @@
 r"""Progressive face super-resolution trained up to stage 1 (16x16 -> 32x32).
 
     python -m progsr_jax.main --config=configs/step1.py --workdir=/runs/pfsr_step1 \
-        --config.data.root=/path/to/celeba
+        [--config.data.root=/path/to/celeba]
 
 The recipe of ``configs/step3.py`` (read it for every field and the paper's
 numbers), stopped after stage 1: 50k iterations of batch 16.  Variants as
-there: ``:paper``, ``:cpu``, ``:smoke``.
+there: ``:paper``, ``:cpu``, ``:demo``, ``:smoke``.
 """
 
 from progsr_jax.training.config import sibling

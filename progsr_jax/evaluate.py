@@ -4,13 +4,17 @@ Usage::
 
     python -m progsr_jax.evaluate --checkpoint=WORKDIR --data_root=/data/celeba \
         --split=test --output=/tmp/eval [--method=model|bicubic|bilinear] \
-        [--protocol=standard|pfsr] [--batch_size=16] [--source=celeba|folder|faces68] \
+        [--protocol=standard|pfsr] [--batch_size=16] [--source=celeba|folder|faces68|tfds] \
         [--crop=auto|celeba|square|landmarks] [--limit=N] [--noclip] [--nolpips]
+    python -m progsr_jax.evaluate --checkpoint=WORKDIR --source=tfds --split=test \
+        --output=/tmp/eval      # CelebA's test partition through TensorFlow Datasets
 
 Data: the paper's preprocessing (:func:`progsr_jax.data.preprocess`): center
 crop 178 (CelebA; ``--source=folder`` uses the center square), PIL bilinear
 resize to 128, then 64, 32, 16.  The 16x16 image is the input, the 128x128
-image the target.  ``--source=faces68`` (or ``--crop=landmarks``) is the
+image the target.  ``--source=tfds`` reads CelebA's ``--split`` through
+TensorFlow Datasets (``celeb_a``; ``--data_root``, if given, is TFDS's
+data_dir), with the same preprocessing.  ``--source=faces68`` (or ``--crop=landmarks``) is the
 unaligned-face setting: a square of side ``--crop_scale`` (default 1.9) times
 the larger side of the 68 landmarks' bounding box, centred ``--crop_shift``
 (0.17) x side above the box centre - the framing of the CelebA crops - is cut
@@ -71,7 +75,8 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("batch_size", 16, "batch size (the pfsr protocol's batch)",
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_enum("source", "celeba", sr.SOURCES, "celeba: partition file; folder: all "
-                      "images under data_root; faces68: images with .pts landmarks",
+                      "images under data_root; faces68: images with .pts landmarks; tfds: "
+                      "CelebA through TensorFlow Datasets",
                       flag_values=fv)
     flags.DEFINE_enum("crop", "auto", sr.CROPS, "auto: celeba for celeba, square for folder, "
                       "landmarks for faces68", flag_values=fv)

@@ -4,6 +4,7 @@
     sr = inference.load("/tmp/progsr_demo")          # latest checkpoint of a run
     out = sr(x)   # x: float32 (N, 16, 16, 3) in [-1, 1] -> (N, 128, 128, 3) at step 3
     sr.step, sr.alpha, sr.output_size
+    restored, faces = sr.restore(photo)   # every face of a photo (progsr_jax.photo.pipeline)
 
 BatchNorm uses the running statistics (the authors' evaluation runs the
 generator in eval mode).  Outputs are not clipped.
@@ -17,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from progsr_jax.training import checkpoint as ckpt_lib
 from progsr_jax import models
 from progsr_jax.errors import UserError
+from progsr_jax.training import checkpoint as ckpt_lib
 
 
 class SuperResolver:
@@ -45,6 +46,19 @@ class SuperResolver:
         if x.ndim != 4 or x.shape[1:] != (16, 16, 3):
             raise UserError(f"expected inputs of shape (N, 16, 16, 3), got {tuple(x.shape)}")
         return self._apply(self.variables, x, alpha=jnp.float32(self.alpha))
+
+    def restore(self, img, **kwargs):
+        """``(restored PIL image, faces)``: :func:`progsr_jax.photo.restore` with this model.
+
+        Detects every face of ``img``, aligns it to the CelebA template,
+        super-resolves it and blends it back into the photo upscaled
+        ``upscale`` times (keyword arguments as :func:`progsr_jax.photo.restore_photo`).
+        Needs a step-3 model and the MTCNN weights
+        (``pip install --no-deps facenet-pytorch==2.6.0``).
+        """
+        from progsr_jax.photo import pipeline
+
+        return pipeline.restore(self, img, **kwargs)
 
     def __repr__(self):
         return (f"SuperResolver(step={self.step}, alpha={self.alpha}, width={self.width}, "

@@ -71,3 +71,19 @@ def _tiny_sr_config(**overrides):
 def tiny_config():
     """``tiny_config(**{"dotted.field": value})``: :func:`_tiny_sr_config`."""
     return _tiny_sr_config
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A sixteenth-width step-3 generator (random weights) saved as a converted checkpoint."""
+    import jax
+
+    from progsr_jax import models
+    from progsr_jax.training import checkpoint
+
+    _, variables = models.init_generator(0, width=0.0625)
+    path = tmp_path_factory.mktemp("tiny_generator") / "ckpt"
+    meta = {"stage": 3, "alpha": 1.0, "iteration": 0, "width": 0.0625, "dtype": "float32",
+            "format": checkpoint.FORMAT}
+    checkpoint.save_converted(str(path), jax.device_get(variables), None, meta)
+    return path

@@ -398,68 +398,6 @@ def test_build_synthetic(tmp_path):
     np.testing.assert_array_equal(again.landmarks, ds.landmarks)
 
 
-# ---------------------------------------------------------------- tfds source
-
-
-class _FakeTfds:
-    """Just enough of tensorflow_datasets for build_dataset(source='tfds')."""
-
-    def __init__(self, n: int):
-        self.n = n
-        rng = np.random.default_rng(0)
-        self.images = [rng.integers(0, 256, (218, 178, 3), dtype=np.uint8) for _ in range(n)]
-        self.requested = []
-
-    def builder(self, name, data_dir=None):
-        assert name == "celeb_a"
-        fake = self
-
-        class Split:
-            num_examples = fake.n
-
-        class Info:
-            splits = {"train": Split(), "validation": Split(), "test": Split()}
-
-        class Builder:
-            info = Info()
-
-            def download_and_prepare(self):
-                pass
-
-            def as_dataset(self, split, shuffle_files):
-                fake.requested.append(split)
-                return _FakeTfDataset(fake.images)
-
-        return Builder()
-
-    @staticmethod
-    def as_numpy(ds):
-        return ({"image": im} for im in ds.images)
-
-
-class _FakeTfDataset:
-    def __init__(self, images):
-        self.images = images
-
-    def take(self, k):
-        return _FakeTfDataset(self.images[:k])
-
-
-def test_tfds_source_with_a_fake_module(monkeypatch, tmp_path):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
-    with pytest.raises(UserError, match=r"pip install 'progsr_jax\[tfds\]'"):
-        data.build_dataset(cfg(source="tfds", split="val"), progress=False)
-    fake = _FakeTfds(5)
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
-    ds = data.build_dataset(cfg(source="tfds", split="val", max_images=3,
-                                cache_dir=str(tmp_path)), progress=False, log=lambda s: None)
-    assert fake.requested == ["validation"] and len(ds) == 3
-    np.testing.assert_array_equal(
-        ds.images[32][1], data.preprocess(Image.fromarray(fake.images[1]), "celeba")[32])
-
-
 # ---------------------------------------------------------------- worker pool
 
 

@@ -86,7 +86,7 @@ def synthetic_teacher(tmp_path_factory):
 
 def _leaves(state):
     return jax.tree_util.tree_leaves(jax.device_get({"p": state.params, "s": state.batch_stats,
-                                                     "o": state.opt_state}))
+                                                     "o": state.opt_state, "e": state.ema}))
 
 
 def _metrics(workdir):
@@ -121,9 +121,13 @@ def test_smoke_end_to_end(trained):
     fan = landmarks.load(one)
     assert fan.meta["step"] == 12 and fan.meta["final"] and fan.meta["width"] == 0.125
     assert fan(np.zeros((2, 64, 64, 3), np.float32)).shape == (2, 64, 64, 68)
-    for a, b in zip(jax.tree_util.tree_leaves(fan.variables["params"]),
-                    jax.tree_util.tree_leaves(jax.device_get(state.params))):
+    # ... holding the moving average of the weights (the smoke variant keeps one, as :cpu does)
+    assert c.ema_decay > 0 and state.ema is not None and fan.meta["ema_decay"] == c.ema_decay
+    for a, b in zip(jax.tree_util.tree_leaves(fan.variables),
+                    jax.tree_util.tree_leaves(jax.device_get(state.ema))):
         np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(fan.variables["params"]["layers_9"]["weight"],
+                              jax.device_get(state.params["layers_9"]["weight"]))
 
     # --eval_only reproduces the final validation numbers
     result = distill.evaluate_only(c, str(one), None)
@@ -148,7 +152,10 @@ def test_student_plugs_into_super_resolution_training(tmp_path, trained, tiny_co
 
 
 def test_resume_is_exact(tmp_path, trained):
+    """Stopped at 6 and resumed: the same weights, optimiser and EMA state, bit for bit, as
+    the uninterrupted run (the augmentation is drawn from (seed, step))."""
     c, _, state = trained
+    assert distill_step.uses_augmentation(c) and c.augment.flip and distill_step.uses_ema(c)
     c = c.copy_and_resolve_references()
     c.val.sizes = (64,)  # validation does not touch the training state; keep this test short
     two = tmp_path / "two"
@@ -159,6 +166,120 @@ def test_resume_is_exact(tmp_path, trained):
     for a, b in zip(_leaves(state), _leaves(resumed)):
         np.testing.assert_array_equal(a, b)
     assert "resumed from checkpoint at iteration 6" in (two / "log.txt").read_text()
+    # the checkpoint holds the EMA: resuming without it (or the reverse) is refused
+    c.steps = 14
+    c.ema_decay = 0.0
+    with pytest.raises(UserError, match="with an EMA"):
+        distill.train_and_evaluate(c, str(two))
+
+
+def test_ema_round_trips_through_a_checkpoint(tmp_path, synthetic_teacher):
+    from progsr_jax.fan import StudentFAN
+    from progsr_jax.training import checkpoint as ckpt_lib
+
+    c = smoke_config(tmp_path, synthetic_teacher)
+    module = StudentFAN(width=c.model.width)
+    state = distill_step.create_state(c, module)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3))
+    y = jax.random.uniform(jax.random.PRNGKey(2), (4, 16, 16, 68)) * 0.1
+    step = jax.jit(distill_step.make_train_step(c, module))
+    for _ in range(3):
+        state, _ = step(state, x, y)
+    # ema_t = d_t ema_{t-1} + (1 - d_t) w_t with d_t = min(decay, (1 + t) / (10 + t)), t = 0, 1, 2
+    assert float(distill_step.ema_decay_at(c, 0)) == pytest.approx(0.1)
+    assert float(distill_step.ema_decay_at(c, 10 ** 6)) == pytest.approx(c.ema_decay)
+    ema = distill_step.student_variables(state)
+    assert ema is state.ema and not np.array_equal(ema["params"]["layers_9"]["bias"],
+                                                   state.params["layers_9"]["bias"])
+    mgr = ckpt_lib.manager(str(tmp_path / "w"), 2)
+    ckpt_lib.save_state(mgr, state, 3, {"format": distill.FORMAT, "ema": True})
+    restored = ckpt_lib.restore_latest(mgr, distill_step.create_state(c, module))
+    mgr.close()
+    assert int(restored.step) == 3
+    for a, b in zip(_leaves(state), _leaves(restored)):
+        np.testing.assert_array_equal(a, b)
+    # without EMA the state (and so the checkpoint) holds nothing more than before EMA
+    # existed: checkpoints of format progsr_jax/distill/1 still resume
+    from flax import serialization
+
+    c.ema_decay = 0.0
+    plain = distill_step.create_state(c, module)
+    assert plain.ema is None
+    assert set(serialization.to_state_dict(plain)) == {"step", "params", "batch_stats",
+                                                       "opt_state"}
+    assert "ema" in serialization.to_state_dict(state)
+
+
+def _gaussian_heatmaps(points, size=64, sigma=1.0):
+    """(size, size, 68) Gaussian heatmaps centred on ``points`` (68, 2) ``(x, y)``."""
+    g = np.arange(size, dtype=np.float64)
+    dx = (g[None, :] - points[:, 0:1]) ** 2  # (68, W)
+    dy = (g[None, :] - points[:, 1:2]) ** 2  # (68, H)
+    hm = np.exp(-(dy[:, :, None] + dx[:, None, :]) / (2 * sigma ** 2))
+    hm[hm < 1e-20] = 0.0  # no float32 subnormals (XLA on a CPU flushes them to 0)
+    return np.transpose(hm, (1, 2, 0)).astype(np.float32)
+
+
+def test_flip_gives_the_landmarks_of_the_flipped_face():
+    """Mirroring an image and its teacher heatmaps (channels permuted, then flipped)
+    gives heatmaps whose landmarks are those of the mirrored face: point k at
+    (W - 1 - x, y) of the original's point FLIP_PERMUTATION[k]."""
+    from progsr_jax.data import synthetic
+
+    perm = distill_step.FLIP_PERMUTATION
+    assert sorted(perm) == list(range(68)) and list(perm[perm]) == list(range(68))
+    image, points = synthetic.make_face(synthetic.face_rng(0, 3), 64)
+    x = image[None].astype(np.float32) / 255.0
+    y = _gaussian_heatmaps(points.astype(np.float64))[None]
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    fx, fy = jax.jit(distill_step.transform)(x, y, one, zero, zero, np.ones(1, bool))
+    np.testing.assert_array_equal(np.asarray(fx), x[:, :, ::-1])  # an exact mirror
+    got = landmarks.heatmaps_to_landmarks(np.asarray(fy))[0]
+    want = np.stack([63 - points[perm, 0], points[perm, 1]], axis=1)
+    assert np.abs(got - want).max() <= 0.5  # argmax decoding: within half a pixel
+    np.testing.assert_allclose(got, np.stack(
+        [63 - landmarks.heatmaps_to_landmarks(y)[0][perm, 0],
+         landmarks.heatmaps_to_landmarks(y)[0][perm, 1]], axis=1), atol=1e-6)
+    # and they are a face in the 68-point layout again: image-left before image-right
+    lx = got[:, 0]
+    for left, right in ((0, 16), (17, 21), (21, 22), (22, 26), (36, 39), (39, 42), (42, 45),
+                        (31, 33), (33, 35), (48, 51), (51, 54), (60, 62), (62, 64), (59, 55)):
+        assert lx[left] < lx[right], (left, right)
+    # the unflipped examples of a batch are untouched
+    x2, y2 = np.concatenate([x, x]), np.concatenate([y, y])
+    fx2, fy2 = distill_step.transform(x2, y2, np.ones(2, np.float32), np.zeros(2, np.float32),
+                                      np.zeros(2, np.float32), np.array([False, True]))
+    np.testing.assert_array_equal(np.asarray(fx2[0]), x[0])
+    np.testing.assert_array_equal(np.asarray(fy2[0]), y[0])
+    np.testing.assert_array_equal(np.asarray(fy2[1]), np.asarray(fy[0]))
+
+
+def test_zoom_and_shift_move_image_and_heatmaps_alike():
+    from progsr_jax.data import synthetic
+
+    image, points = synthetic.make_face(synthetic.face_rng(0, 5), 64)
+    x = image[None].astype(np.float32) / 255.0
+    y = _gaussian_heatmaps(points.astype(np.float64))[None]
+    one, no = np.ones(1, np.float32), np.zeros(1, bool)
+    # an integer shift moves the pixels (and so the landmarks) by whole pixels
+    sx, sy = distill_step.transform(x, y, one, np.full(1, 2.0, np.float32),
+                                    np.full(1, -1.0, np.float32), no)
+    np.testing.assert_array_equal(np.asarray(sx)[0, 5:-5, 5:-5], x[0, 6:-4, 3:-7])
+    got = landmarks.heatmaps_to_landmarks(np.asarray(sy))[0]
+    np.testing.assert_allclose(got, landmarks.heatmaps_to_landmarks(y)[0] + [2, -1], atol=1e-6)
+    # a zoom by 1.1 about the centre moves each landmark to c + 1.1 (p - c)
+    zx, zy = distill_step.transform(x, y, np.full(1, 1.1, np.float32), np.zeros(1, np.float32),
+                                    np.zeros(1, np.float32), no)
+    got = landmarks.heatmaps_to_landmarks(np.asarray(zy))[0]
+    assert np.abs(got - (31.5 + 1.1 * (points - 31.5))).max() <= 0.75
+    assert np.asarray(zx).min() >= 0 and np.asarray(zx).max() <= 1
+    # the random draw is a function of the key only
+    c = distill_config_of("smoke")
+    key = jax.random.fold_in(jax.random.key(c.seed), 7)
+    a = distill_step.augment(c, key, np.concatenate([x] * 4), np.concatenate([y] * 4))
+    b = distill_step.augment(c, key, np.concatenate([x] * 4), np.concatenate([y] * 4))
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
 def test_misuse_gives_one_line_errors(tmp_path, synthetic_teacher, trained):
@@ -273,6 +394,7 @@ def test_straight_through_output_gradient():
 
     c = distill_config_of("smoke")
     c.output_grad, c.conv_grad, c.kl_weight = "straight_through", "xla", 0.0
+    c.augment.flip, c.augment.scale, c.augment.shift = False, 0.0, 0.0
     module = StudentFAN(width=0.125)
     state = distill_step.create_state(c, module)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
@@ -315,6 +437,7 @@ def test_spatial_softmax_kl_term():
     # in the train step: loss = mse + kl_weight * kl, all three logged
     c = distill_config_of("smoke")
     c.conv_grad, c.kl_weight, c.kl_temperature = "xla", 0.5, t
+    c.augment.flip, c.augment.scale, c.augment.shift = False, 0.0, 0.0
     module = StudentFAN(width=0.125)
     state = distill_step.create_state(c, module)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3))

@@ -1,7 +1,9 @@
-"""Faces in photos: MTCNN port (weights, parity), detection, landmarks, alignment, paste-back.
+"""Faces in photos: MTCNN port (weights, parity), detection, landmarks, alignment, paste-back, and the
+whole pipeline (``photo.restore``, ``SuperResolver.restore``, ``infer --mode=photo``).
 
 Needs the MTCNN weights of ``pip install --no-deps facenet-pytorch==2.6.0``
-(skipped with that hint otherwise), the real faces in ``../shared`` (see
+(skipped with that hint otherwise), the real faces in ``../shared``
+(``PROGSR_SHARED``; fixtures ``celeba_root``/``faces68_root`` of
 ``conftest.py``) for the data tests, and torch for the parity tests.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -16,15 +19,15 @@ import sys
 import time
 import types
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from progsr_jax.errors import UserError
-from progsr_jax.photo import align, detection, mtcnn, paste
+from progsr_jax.photo import align, detection, mtcnn, paste, pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("PROGSR_SHARED", REPO.parent / "shared"))
 N_SAMPLE = 50
 
 
@@ -45,24 +48,16 @@ def detector(weights) -> detection.Detector:
     return detection.Detector(weights)
 
 
-def _shared(*parts) -> pathlib.Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not found (set PROGSR_SHARED to the shared/ folder)")
-    return path
-
-
-def _celeba_files(partition: str) -> list[pathlib.Path]:
-    root = _shared("data", "celeba")
+def _celeba_files(root: pathlib.Path, partition: str) -> list[pathlib.Path]:
     lines = (root / "Eval" / "list_eval_partition.txt").read_text().split("\n")
     names = [ln.split()[0] for ln in lines if ln.strip() and ln.split()[1] == partition]
     return [root / "Img" / "img_align_celeba" / n for n in names]
 
 
 @pytest.fixture(scope="module")
-def celeba_val(detector):
+def celeba_val(detector, celeba_root):
     """50 validation-partition images (not among those the template was measured on) and their faces."""
-    files = _celeba_files("1")
+    files = _celeba_files(celeba_root, "1")
     pick = np.random.default_rng(14).choice(len(files), N_SAMPLE, replace=False)
     out = []
     for i in sorted(pick):
@@ -72,12 +67,11 @@ def celeba_val(detector):
 
 
 @pytest.fixture(scope="module")
-def faces68(detector):
+def faces68(detector, faces68_root):
     """50 300-W-format faces (AFW, Helen, FFHQ), their 68 points and the detected faces."""
     from progsr_jax.landmarks import read_pts
 
-    root = _shared("data", "faces68")
-    pts_files = sorted(root.glob("*/*.pts"))
+    pts_files = sorted(faces68_root.glob("*/*.pts"))
     pick = np.random.default_rng(14).choice(len(pts_files), N_SAMPLE, replace=False)
     out = []
     for i in sorted(pick):
@@ -183,7 +177,7 @@ def test_nets_match_pytorch_on_real_faces(torch_nets, detector, celeba_val):
         x = mtcnn.normalise(detection.area_resize(img, 123, 101))[None]
         with torch.no_grad():
             ref = [t.permute(0, 2, 3, 1).numpy() for t in torch_nets["pnet"](torch.from_numpy(x).permute(0, 3, 1, 2))]
-        got = mtcnn.PNet().apply(detector.nets.variables["pnet"], x)
+        got = jax.jit(mtcnn.PNet().apply)(detector.nets.variables["pnet"], x)
         for r, g in zip(ref, got):
             np.testing.assert_allclose(np.asarray(g), r, atol=1e-4)
     # R-Net and O-Net on the detected faces, cropped as the cascade crops them
@@ -192,7 +186,7 @@ def test_nets_match_pytorch_on_real_faces(torch_nets, detector, celeba_val):
             np.array([faces[0].box])), size)[0] for img, (_, _, faces) in zip(imgs, celeba_val)])
         with torch.no_grad():
             ref = [t.numpy() for t in torch_nets[name](torch.from_numpy(x).permute(0, 3, 1, 2))]
-        got = mtcnn.MODULES[name]().apply(detector.nets.variables[name], x)
+        got = jax.jit(mtcnn.MODULES[name]().apply)(detector.nets.variables[name], x)
         assert len(ref) == len(got)
         for r, g in zip(ref, got):
             np.testing.assert_allclose(np.asarray(g), r, atol=1e-4)
@@ -213,11 +207,28 @@ def test_packed_pyramid_equals_levels_alone(detector, celeba_val):
         canvas[oy:oy + lh, ox:ox + lw] = lvl
         mask[oy:oy + lh - 2, ox:ox + lw - 2] = True
     prob, reg = detector.nets.pnet(canvas, mask)
-    for lvl, (oy, ox) in zip(levels, origins):
-        ref_reg, ref_prob = mtcnn.PNet().apply(detector.nets.variables["pnet"], lvl[None])
+    pnet = jax.jit(mtcnn.PNet().apply)
+    for k in (0, 1, len(levels) // 2, len(levels) - 1):  # each level size compiles once
+        lvl, (oy, ox) = levels[k], origins[k]
+        ref_reg, ref_prob = pnet(detector.nets.variables["pnet"], lvl[None])
         oh, ow = ref_prob.shape[1:3]
         np.testing.assert_allclose(prob[oy // 2:oy // 2 + oh, ox // 2:ox // 2 + ow], ref_prob[0, ..., 1], atol=1e-5)
         np.testing.assert_allclose(reg[oy // 2:oy // 2 + oh, ox // 2:ox // 2 + ow], ref_reg[0], atol=1e-5)
+
+
+def test_split_canvases_give_the_same_faces(detector, faces68):
+    """Levels spread over several small canvases (as for large photos) change nothing."""
+    split = detection.Detector(nets=detector.nets)
+    split.max_canvas = 40_000
+    _, img, _, faces = faces68[0]
+    h, w = img.height, img.width
+    sizes = [(int(h * s + 1), int(w * s + 1)) for s in detection.pyramid_scales(h, w)]
+    assert len(detection.group_levels(sizes, split.max_canvas)) > 2
+    got = split(img)
+    assert len(got) == len(faces)
+    for a, b in zip(got, faces):
+        np.testing.assert_allclose(a.box, b.box, atol=1e-3)
+        np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
 
 
 def _torch_batched_nms(torch):
@@ -275,7 +286,7 @@ def test_pipeline_matches_facenet_detect_face(torch_nets, detector, celeba_val, 
     """Whole cascade vs facenet-pytorch's detect_face (with the PyTorch reference nets)."""
     torch = pytest.importorskip("torch")
     detect_face = _facenet_detect_face(torch)
-    cases = [(img, faces) for _, img, faces in celeba_val[:3]] + [(img, faces) for _, img, _, faces in faces68[:5]]
+    cases = [(img, faces) for _, img, faces in celeba_val[:2]] + [(img, faces) for _, img, _, faces in faces68[:3]]
     for img, faces in cases:
         with torch.no_grad():
             boxes, points = detect_face(img, detection.MIN_FACE, torch_nets["pnet"], torch_nets["rnet"],
@@ -472,3 +483,264 @@ def test_native_upscale_puts_128_pixels_across_the_crop():
     assert paste.native_upscale([m]) == pytest.approx(128 * 4 / 178)
     to_sr = paste.canvas_to_sr(m, (100, 100), paste.output_size((100, 100), paste.native_upscale([m])))
     assert np.hypot(*to_sr[:, 0]) == pytest.approx(1.0, rel=0.02)
+
+
+# ---------------------------------------------------------------------------
+# The pipeline: photo.restore / SuperResolver.restore / infer --mode=photo
+
+
+class FakeSR:
+    """A stand-in step-3 model: 8x nearest-neighbour upsampling; records its batch sizes."""
+
+    step, alpha, output_size = 3, 1.0, 128
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x):
+        x = np.asarray(x, np.float32)
+        assert x.shape[1:] == (16, 16, 3) and -1.0 <= x.min() and x.max() <= 1.0
+        self.calls.append(x.shape[0])
+        return np.repeat(np.repeat(x, 8, axis=1), 8, axis=2)
+
+
+def _oval_mask(size, feather):
+    from PIL import ImageDraw, ImageFilter
+
+    m = Image.new("L", size, 0)
+    ImageDraw.Draw(m).ellipse((feather, feather, size[0] - 1 - feather, size[1] - 1 - feather), fill=255)
+    return m.filter(ImageFilter.GaussianBlur(feather / 2))
+
+
+def group_photo(faces, layout, size=(480, 300), seed=0) -> Image.Image:
+    """Faces (PIL images) pasted through soft ovals at ``(centre x, centre y, width, degrees)``
+    onto a smooth, slightly noisy background."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    bg = np.stack([110 + 50 * np.sin(xx / 83.0), 130 + 35 * np.cos(yy / 57.0),
+                   120 + 20 * np.sin((xx + yy) / 71.0)], -1) + rng.normal(0, 3, (h, w, 3))
+    photo = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    for face, (cx, cy, width, angle) in zip(faces, layout):
+        f = face.convert("RGB").resize((width, round(width * face.height / face.width)), Image.LANCZOS)
+        m = _oval_mask(f.size, max(2, width // 16))
+        if angle:
+            f = f.rotate(angle, Image.BICUBIC, expand=True)
+            m = m.rotate(angle, Image.BICUBIC, expand=True)
+        photo.paste(f, (round(cx - f.width / 2), round(cy - f.height / 2)), m)
+    return photo
+
+
+#: four CelebA validation faces (one turned 15 degrees, one -10) and an FFHQ face from faces68
+GROUP_LAYOUT = [(70, 90, 110, 0), (200, 80, 80, 15), (330, 100, 120, -10), (420, 230, 70, 0),
+                (200, 220, 130, 5)]
+
+
+@pytest.fixture(scope="module")
+def group(celeba_val, faces68_root):
+    ffhq = Image.open(faces68_root / "ffhq" / "00003.png").convert("RGB")
+    faces = [celeba_val[k][1] for k in (3, 10, 20, 30)] + [ffhq]
+    return group_photo(faces, GROUP_LAYOUT)
+
+
+def _in_tile(box, layout) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x, y, width, _ = layout
+    return abs(cx - x) < width / 2 and abs(cy - y) < width * 0.7
+
+
+def _coverage(img, transforms, size):
+    """Where the feathered masks of faces with these transforms reach in an output of ``size``."""
+    upscale = size[0] / img.width
+    out, coverage = paste.paste_back(img, [np.zeros((128, 128, 3), np.uint8)] * len(transforms),
+                                     transforms, upscale=upscale)
+    assert out.size == size
+    return coverage
+
+
+def test_restore_finds_and_restores_every_face(detector, group):
+    from progsr_jax import photo
+
+    sr = FakeSR()
+    r = photo.restore_photo(sr, group, upscale=2.0, detector=detector)
+    assert len(r.faces) == len(GROUP_LAYOUT)
+    for layout in GROUP_LAYOUT:
+        assert sum(_in_tile(f.box, layout) for f in r.faces) == 1, layout
+    assert sr.calls == [8]  # all five faces in one call, padded to a power of two
+    for f in r.faces:
+        assert np.all(f.landmarks >= f.box[:2]) and np.all(f.landmarks <= f.box[2:])
+        assert f.aligned.shape == (128, 128, 3) and f.sr.shape == (128, 128, 3) and f.lr.shape == (16, 16, 3)
+        assert f.aligned.dtype == f.lr.dtype == f.sr.dtype == np.uint8
+        assert f.transform.shape == (2, 3)
+        # the fake model's result is the LR input blown up; the LR is the aligned crop's chain
+        np.testing.assert_array_equal(f.sr[::8, ::8], f.lr)
+        np.testing.assert_array_equal(f.lr, data_preprocess_16(f.aligned))
+        # the aligned face's landmarks sit on the template
+        aligned_pts = align.apply(f.transform, f.landmarks)
+        assert np.abs(aligned_pts[:2] - align.TEMPLATE[:2]).max() < 6.0
+    assert r.upscale == 2.0 and r.image.size == (960, 600)
+    bicubic = np.asarray(group.resize(r.image.size, Image.BICUBIC))
+    outside = r.coverage == 0
+    assert 0.5 < outside.mean() < 0.98
+    assert np.array_equal(np.asarray(r.image)[outside], bicubic[outside])
+    assert np.abs(np.asarray(r.image, np.int16) - bicubic)[r.coverage > 0.99].mean() > 1.0
+    # auto: the smallest face at the model's own 8x (within 1..8)
+    auto = photo.restore_photo(FakeSR(), group, detector=detector)
+    native = paste.native_upscale([f.transform for f in auto.faces])
+    assert 1.0 < native < 8.0 and auto.upscale == pytest.approx(native)
+    assert auto.image.size == paste.output_size(group.size, native)
+
+
+def data_preprocess_16(aligned128: np.ndarray) -> np.ndarray:
+    from progsr_jax import data
+
+    return data.preprocess(Image.fromarray(aligned128), crop="none")[16]
+
+
+def test_restore_options_and_batches(detector, group):
+    from progsr_jax import photo
+
+    sr = FakeSR()
+    _, faces = photo.restore(sr, group, upscale=1.5, detector=detector, batch_size=4)
+    assert sr.calls == [4, 1] and len(faces) == 5
+    areas = sorted(((f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in faces), reverse=True)
+    _, two = photo.restore(sr, group, upscale=1.0, detector=detector, max_faces=2)
+    assert len(two) == 2
+    assert sorted(((f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in two), reverse=True) == \
+        pytest.approx(areas[:2], rel=0.05)
+    _, one = photo.restore(sr, group, upscale=1.0, detector=detector, only_center_face=True)
+    centre = np.array([239.5, 149.5])
+    nearest = min(faces, key=lambda f: np.hypot(*((f.box[:2] + f.box[2:]) / 2 - centre)))
+    assert len(one) == 1 and _in_tile(one[0].box, GROUP_LAYOUT[1])  # centred near (200, 85)
+    np.testing.assert_allclose(one[0].box, nearest.box)
+    assert [pipeline.batch_rows(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    for bad in ("big", 0, -2.0, float("nan")):
+        with pytest.raises(UserError, match="upscale"):
+            photo.restore(sr, group, upscale=bad, detector=detector)
+    with pytest.raises(UserError, match="128x128"):
+        small = FakeSR()
+        small.output_size = 64
+        photo.restore(small, group, detector=detector)
+
+
+def test_restore_without_faces_returns_the_photo(detector):
+    from progsr_jax import photo
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:120, 0:160]
+    img = Image.fromarray((np.stack([xx, yy, 0 * xx + 90], -1) + rng.integers(0, 6, (120, 160, 3))).astype(np.uint8))
+    sr = FakeSR()
+    r = photo.restore_photo(sr, img, detector=detector)
+    assert r.faces == [] and r.upscale == 1.0 and sr.calls == []
+    assert np.array_equal(np.asarray(r.image), np.asarray(img))
+    out, faces = photo.restore(sr, np.asarray(img), upscale=3, detector=detector)
+    assert faces == [] and np.array_equal(np.asarray(out), np.asarray(img.resize((480, 360), Image.BICUBIC)))
+
+
+def test_super_resolver_restore_method(detector, group, tiny_checkpoint):
+    from progsr_jax import inference
+
+    sr = inference.load(str(tiny_checkpoint))
+    restored, faces = sr.restore(group, upscale=1.0, detector=detector, max_faces=1)
+    assert restored.size == group.size and len(faces) == 1
+    # the record's result is the model's output on its LR input
+    from progsr_jax import data
+
+    expected = data.to_uint8(np.asarray(sr(data.to_float(faces[0].lr[None]))))[0]
+    np.testing.assert_array_equal(faces[0].sr, expected)
+
+
+def test_infer_photo_mode_end_to_end(tmp_path, weights, group, celeba_val, tiny_checkpoint, capsys):
+    """Folder of photos through the command: files, faces.json, bicubic outside the masks, skips."""
+    from progsr_jax import infer
+    from progsr_jax.errors import run_cli
+
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    group.save(src / "group.jpg", quality=95)
+    single = celeba_val[5][1].convert("L")  # gray; one face
+    single.save(src / "sub" / "gray.png")
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:90, 0:130]
+    empty = np.stack([xx * 2, yy * 2, 0 * xx + 60], -1) + rng.integers(0, 6, (90, 130, 3))
+    Image.fromarray(empty.astype(np.uint8)).save(src / "empty.png")
+    (src / "text.jpg").write_text("not an image\n")
+    good = src / "group.jpg"
+    (src / "truncated.jpg").write_bytes(good.read_bytes()[:2000])
+    out = tmp_path / "out"
+    argv = ["infer", "--mode=photo", f"--checkpoint={tiny_checkpoint}", f"--input={src}",
+            f"--output={out}", "--upscale=2", "--noprogress", f"--detector_weights={weights}"]
+    assert infer.main(argv) == 0
+    logged = capsys.readouterr().out
+    assert "text.jpg" in logged and "truncated.jpg" in logged and "skipped 2" in logged
+    assert "no face found in" in logged and "empty.png" in logged
+    table = json.loads((out / "faces.json").read_text())
+    assert set(table) == {"group.jpg", "sub/gray.png", "empty.png"}
+    assert table["empty.png"] == [] and len(table["sub/gray.png"]) == 1
+    assert len(table["group.jpg"]) == len(GROUP_LAYOUT)
+    photos = {"group.jpg": Image.open(good).convert("RGB"), "sub/gray.png": single.convert("RGB"),
+              "empty.png": Image.open(src / "empty.png").convert("RGB")}
+    for name, entries in table.items():
+        stem = name.rsplit(".", 1)[0]
+        with Image.open(out / f"{stem}.png") as im:
+            restored = np.asarray(im.convert("RGB"))
+        photo_in = photos[name]
+        assert restored.shape[:2] == (photo_in.height * 2, photo_in.width * 2)
+        for k, e in enumerate(entries):
+            assert len(e["landmarks"]) == 5 and len(e["box"]) == 4 and 0 < e["score"] <= 1
+            pts, box = np.array(e["landmarks"]), np.array(e["box"])
+            assert np.all(pts >= box[:2]) and np.all(pts <= box[2:])
+            for kind, side in (("aligned", 128), ("lr", 16), ("sr", 128)):
+                assert e[kind] == f"{stem}_face{k}_{kind}.png"
+                with Image.open(out / e[kind]) as im:
+                    assert im.size == (side, side) and im.mode == "RGB"
+        coverage = _coverage(photo_in, [np.array(e["transform"]) for e in entries],
+                             (restored.shape[1], restored.shape[0]))
+        bicubic = np.asarray(photo_in.resize((restored.shape[1], restored.shape[0]), Image.BICUBIC))
+        assert np.array_equal(restored[coverage == 0], bicubic[coverage == 0]), name
+        if entries:
+            assert not np.array_equal(restored[coverage > 0.99], bicubic[coverage > 0.99])
+    assert not list(out.glob("text*")) and not list(out.glob("truncated*"))
+    # a file input writes into the --output folder; nothing usable is a one-line error
+    res = infer.run(str(tiny_checkpoint), str(src / "empty.png"), str(tmp_path / "one"), mode="photo",
+                    progress=False, log=lambda *a: None, detector_weights=str(weights))
+    assert res["written"] == [str(tmp_path / "one" / "empty.png")] and res["upscale"] == {"empty.png": 1.0}
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: infer.main(["infer", "--mode=photo", f"--checkpoint={tiny_checkpoint}",
+                                    f"--input={src / 'text.jpg'}", f"--output={tmp_path / 'none'}",
+                                    "--noprogress"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: nothing could be processed") and "text.jpg" in err[-1]
+
+
+def test_photo_mode_without_detector_weights_names_the_pip_command(tmp_path, capsys):
+    from progsr_jax import infer
+    from progsr_jax.errors import run_cli
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: infer.main(["infer", "--mode=photo", f"--checkpoint={tmp_path}",
+                                    f"--input={tmp_path / 'a.png'}", f"--output={tmp_path / 'out'}",
+                                    f"--detector_weights={tmp_path / 'nowhere'}"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps facenet-pytorch==2.6.0" in err[0]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="upscale"):
+        infer.run(str(tmp_path), str(tmp_path / "a.png"), str(tmp_path / "out"), mode="photo",
+                  upscale="x", detector_weights=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="is a file"):
+        infer.run(str(tmp_path), str(tmp_path / "a.png"), str(tmp_path / "a.png"), mode="photo")
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    from progsr_jax import infer
+
+    img = Image.fromarray(np.arange(30 * 20 * 3, dtype=np.uint8).reshape(20, 30, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: rotate 90 degrees clockwise to view
+    img.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    img.save(tmp_path / "plain.png")
+    assert infer.open_photo(str(tmp_path / "turned.jpg")).size == (20, 30)
+    assert infer.open_photo(str(tmp_path / "plain.png")).size == (30, 20)

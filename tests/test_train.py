@@ -274,3 +274,26 @@ def test_bfloat16_step_tracks_float32_and_keeps_float32_state(step_setup, tiny_c
     du32 = np.asarray(new32.g_params["step1_0"]["weight"] - state.g_params["step1_0"]["weight"])
     du16 = np.asarray(new16.g_params["step1_0"]["weight"] - state16.g_params["step1_0"]["weight"])
     assert np.mean(np.sign(du32) == np.sign(du16)) > 0.9
+
+
+def test_cosine_decay_only_over_the_final_stage(tiny_config):
+    c = tiny_config(**{"stage_steps": (2, 2, 8), "optim.decay": "cosine"})
+    assert train.lr_scale_at(c, 1, 1) == 1.0 and train.lr_scale_at(c, 2, 1) == 1.0
+    assert train.lr_scale_at(c, 3, 0) == 1.0
+    assert train.lr_scale_at(c, 3, 4) == pytest.approx(0.5)
+    assert train.lr_scale_at(c, 3, 8) == pytest.approx(0.0, abs=1e-12)
+    assert train.lr_scale_at(tiny_config(), 3, 4) == 1.0  # the paper's: no decay
+
+
+def test_validation_set_is_held_out_from_the_training_source(tiny_config):
+    from progsr_jax.training import sr_validation
+
+    c = tiny_config(**{"val.num_images": 5})
+    v = sr_validation.data_config(c)
+    assert v.source == "synthetic" and v.num_synthetic == 5 and v.seed != c.seed
+    c = tiny_config(**{"data.source": "celeba", "data.root": "/data/celeba"})
+    v = sr_validation.data_config(c)
+    assert (v.source, v.root, v.split) == ("celeba", "/data/celeba", "val")
+    assert sr_validation.data_config(tiny_config(**{"data.source": "folder",
+                                                    "data.root": "/x"})) is None
+    assert sr_validation.data_config(tiny_config(**{"val.num_images": 0})) is None

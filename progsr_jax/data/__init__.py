@@ -28,7 +28,7 @@ from progsr_jax.data.pipeline import SOURCES, build_dataset
 
 __all__ = [
     "BadImage", "CELEBA_CROP", "CROPS", "Dataset", "IMAGE_EXTENSIONS", "PREPROCESS_VERSION",
-    "Prefetcher", "RESOLUTIONS", "SOURCES", "batch_indices", "batch_loader", "build_dataset", "center_crop",
-    "gather", "get_batch", "list_files", "measure_throughput", "open_image", "preprocess",
+    "Prefetcher", "RESOLUTIONS", "SOURCES", "batch_indices", "batch_loader", "build_dataset",
+    "center_crop", "gather", "get_batch", "list_files", "measure_throughput", "open_image", "preprocess",
     "to_float", "to_uint8",
 ]

@@ -79,7 +79,7 @@ def get_batch(ds: Dataset, step: int, batch_size: int, seed: int, stage: int
 
 
 def batch_loader(ds: Dataset, batch_size: int, seed: int, stage: int) -> Callable[[int], dict]:
-    """``step -> get_batch(ds, step, batch_size, seed, stage)``, the loader :class:`Prefetcher` runs."""
+    """``step -> get_batch(ds, step, batch_size, seed, stage)``: what :class:`Prefetcher` runs."""
     return functools.partial(get_batch, ds, batch_size=batch_size, seed=seed, stage=stage)
 
 

@@ -155,8 +155,13 @@ def build_dataset(cfg: Any, *, progress: bool = True,
     object; missing ones take the defaults shown):
 
     * ``source``: ``'synthetic'`` | ``'celeba'`` | ``'folder'`` | ``'tfds'``.
-    * ``root`` (None): data root; required for celeba and folder; for tfds the
-      ``data_dir`` (None = tfds' default).
+      ``'celeba'`` without a ``root`` reads CelebA through TFDS (``'tfds'``).
+    * ``root`` (None): data root; required for folder; for celeba the official
+      or Kaggle layout (without it: TFDS).
+    * ``tfds_data_dir`` (None: TFDS's default, ``~/tensorflow_datasets``) and
+      ``tfds_manual_dir`` (None: ``<data_dir>/downloads/manual``): see
+      :mod:`progsr_jax.data.celeba_tfds`.  For ``source='tfds'`` a ``root``
+      is taken as the data_dir when ``tfds_data_dir`` is not set.
     * ``split`` ('train'): see :func:`list_files`; tfds: train / val / test / all.
     * ``cache_dir`` (None -> ``~/.cache/progsr_jax``; ``''`` disables caching).
     * ``num_workers`` (None or -1: ``os.cpu_count()``): decoding processes;
@@ -172,8 +177,8 @@ def build_dataset(cfg: Any, *, progress: bool = True,
     Every file is decoded once; bad files are skipped with their reason and
     summarised in one ``log`` line.  The result is cached (keyed by source,
     absolute root, split, the file list with sizes and mtimes, the options
-    that change the result, and :data:`~progsr_jax.data.cache.PREPROCESS_VERSION`) and returned as
-    read-only memory maps of the cache.
+    that change the result, and :data:`~progsr_jax.data.cache.PREPROCESS_VERSION`)
+    and returned as read-only memory maps of the cache.
 
     Raises:
       UserError: bad config, missing data, or nothing usable left.
@@ -182,6 +187,12 @@ def build_dataset(cfg: Any, *, progress: bool = True,
     if source not in SOURCES:
         raise UserError(f"unknown data source {source!r}; expected one of {', '.join(SOURCES)}")
     root = _cfg(cfg, "root", None)
+    tfds_data_dir = _cfg(cfg, "tfds_data_dir", None) or (root if source == "tfds" else None)
+    tfds_manual_dir = _cfg(cfg, "tfds_manual_dir", None)
+    if source == "celeba" and not root:
+        source = "tfds"
+        log(f"data: data.root is not set: reading CelebA through "
+            f"{celeba_tfds.describe(tfds_data_dir)}")
     split = str(_cfg(cfg, "split", "train") or "train")
     cache_dir = _cfg(cfg, "cache_dir", None)
     num_workers = int(_cfg(cfg, "num_workers", -1))
@@ -230,11 +241,13 @@ def build_dataset(cfg: Any, *, progress: bool = True,
     elif source == "synthetic":
         key_parts.update(num=num_synthetic, seed=seed)
     else:  # tfds
-        key_parts.update(root=os.path.abspath(root) if root else None, max_images=max_images)
+        key_parts.update(root=os.path.abspath(tfds_data_dir) if tfds_data_dir else None,
+                         max_images=max_images)
 
     entry: str | None = None
     if cache_dir not in ("", False):
-        cache_dir = os.path.abspath(os.path.expanduser(str(cache_dir or cache_lib.default_cache_dir())))
+        cache_dir = os.path.abspath(os.path.expanduser(
+            str(cache_dir or cache_lib.default_cache_dir())))
         label = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{source}-{split}")
         entry = os.path.join(cache_dir, f"{label}-{cache_lib.cache_key(key_parts)}")
         ds = cache_lib.open_cache(entry)
@@ -253,7 +266,7 @@ def build_dataset(cfg: Any, *, progress: bool = True,
     if source == "synthetic":
         ds = _build_synthetic(num_synthetic, seed, entry, progress)
     elif source == "tfds":
-        ds = celeba_tfds.build(root, split, max_images, entry, progress)
+        ds = celeba_tfds.build(tfds_data_dir, tfds_manual_dir, split, max_images, entry, progress)
     else:
         # Start the workers before creating any cache file (see _start_pool).
         use_pool = num_workers > 0 and len(paths) >= _MIN_FILES_FOR_POOL

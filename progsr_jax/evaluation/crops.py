@@ -129,6 +129,18 @@ class Loader:
         return data.preprocess(img, crop=self.crop)
 
 
+class DatasetLoader:
+    """``(name) -> {128, 64, 32, 16: uint8}`` of an already built dataset, by file name."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.index = {name: i for i, name in enumerate(ds.files)}
+
+    def __call__(self, name: str) -> dict[int, np.ndarray]:
+        i = self.index[name]
+        return {r: np.asarray(self.ds.images[r][i]) for r in data.RESOLUTIONS}
+
+
 # ---------------------------------------------------------------- loading
 def iter_loaded(files: Sequence[str], load: Callable[[str], Any], workers: int = 2,
                 window: int = 64) -> Iterator[tuple[str, Any, str | None]]:

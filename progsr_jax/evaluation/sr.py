@@ -30,7 +30,7 @@ from progsr_jax.evaluation.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
 
 METHODS = ("model", "bicubic", "bilinear")
 PROTOCOLS = ("standard", "pfsr")
-SOURCES = ("celeba", "folder", "faces68")
+SOURCES = ("celeba", "folder", "faces68", "tfds")
 CROPS = ("auto", "celeba", "square", "none", "landmarks")
 METRIC_KEYS = ("psnr", "ssim", "ms_ssim", "lpips", "psnr_y", "ssim_y")
 
@@ -223,8 +223,18 @@ def comparison_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray
 
 
 # ---------------------------------------------------------------- listing
-def list_eval_files(cfg: EvalConfig) -> tuple[list[str], str]:
-    """(files, crop) for the configured source; UserError when there are none."""
+def list_eval_files(cfg: EvalConfig, log: Callable[[str], Any] = print
+                    ) -> tuple[list[str], str, Callable[[str], dict]]:
+    """(files, crop, loader) for the configured source; UserError when there are none.
+
+    ``--source=tfds`` reads CelebA's ``--split`` through TensorFlow Datasets
+    (``--data_root``, if given, is TFDS's data_dir), decoded once into the
+    decode cache; its "files" are the cached examples' names.
+    """
+    if cfg.source == "tfds":
+        ds = data.build_dataset(dict(source="tfds", root=cfg.data_root or None, split=cfg.split,
+                                     max_images=cfg.limit), progress=cfg.progress, log=log)
+        return list(ds.files), "celeba", crops.DatasetLoader(ds)
     if not cfg.data_root:
         raise UserError("--data_root=DIR is required")
     root = os.path.abspath(os.path.expanduser(cfg.data_root))
@@ -245,7 +255,7 @@ def list_eval_files(cfg: EvalConfig) -> tuple[list[str], str]:
         files = files[:cfg.limit]
     if not files:
         raise UserError(f"no images to evaluate under {root}")
-    return files, crop
+    return files, crop, crops.Loader(crop, cfg.crop_scale, cfg.crop_shift)
 
 
 # -------------------------------------------------------------- evaluate
@@ -269,8 +279,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
         cfg = dataclasses.replace(cfg, clip=cfg.protocol != "pfsr")
     _check_config(cfg)
     out_dir = crops.check_output(cfg.output)
-    files, crop = list_eval_files(cfg)
-    root = os.path.abspath(os.path.expanduser(cfg.data_root))
+    files, crop, loader = list_eval_files(cfg, log)
+    root = os.path.abspath(os.path.expanduser(cfg.data_root or "."))
     method = make_method(cfg)
     size = method.output_size
     notes = []
@@ -283,7 +293,6 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
     if cfg.method == "model" and not cfg.clip:
         notes.append("outputs not clipped to [0, 1] (--noclip)")
 
-    loader = crops.Loader(crop, cfg.crop_scale, cfg.crop_shift)
     scorer = _scorer(bool(cfg.lpips), cfg.protocol == "pfsr")
     pfsr_acc = metrics.PfsrAccumulator()
     names: list[str] = []
@@ -341,7 +350,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
         batch_size=cfg.batch_size,
         clip=bool(cfg.clip) if cfg.method == "model" else None,
         source=cfg.source,
-        split=cfg.split if cfg.source == "celeba" else None,
+        split=cfg.split if cfg.source in ("celeba", "tfds") else None,
         crop=crop,
         crop_scale=cfg.crop_scale if crop == "landmarks" else None,
         crop_shift=cfg.crop_shift if crop == "landmarks" else None,

@@ -126,9 +126,10 @@ class Checks:
             self.fail(f"{name} {v} is not divisible by the {num_devices} devices; use a "
                       f"multiple of {num_devices}")
 
-    def data_source(self, sources: Iterable[str]) -> None:
-        """``data.source`` is known; the celeba and folder sources need ``data.root``."""
+    def data_source(self, sources: Iterable[str],
+                    need_root: Iterable[str] = ("celeba", "folder")) -> None:
+        """``data.source`` is known; the sources in ``need_root`` need ``data.root``."""
         self.one_of("data.source", sources)
         source = self.get("data.source")
-        if source in ("celeba", "folder") and not self.get("data.root"):
+        if source in tuple(need_root) and not self.get("data.root"):
             self.fail(f"data.source={source!r} needs --config.data.root=<folder>")

@@ -34,6 +34,8 @@ def validate(config, num_devices: int = 1) -> None:
     c.one_of("lr_schedule", SCHEDULES)
     if not isinstance(config.warmup_steps, int) or not 0 <= config.warmup_steps < config.steps:
         c.fail(f"warmup_steps must be an integer in [0, steps), got {config.warmup_steps!r}")
+    # Teacher heatmaps are matched to images by file name, which TFDS does not keep:
+    # CelebA needs its folder here.
     c.data_source(SOURCES)
     if not config.val.teacher_heatmaps:
         c.in_range("val.fraction", 0, 1)

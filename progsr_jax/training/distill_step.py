@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from flax import serialization
 
 from progsr_jax import xla_flags
 from progsr_jax.fan import LEAKY_SLOPE, OUTPUT_LAYER
@@ -34,6 +35,29 @@ class DistillState:
     # student that validation and the exported FAN folder use; None otherwise
     # (then the checkpoint holds exactly what it held before EMA existed).
     ema: Any = None
+
+
+_STATE_FIELDS = ("step", "params", "batch_stats", "opt_state")
+
+
+def _state_to_dict(state: DistillState) -> dict:
+    # Without EMA the checkpoint holds exactly the fields it held before EMA existed,
+    # so those checkpoints (format progsr_jax/distill/1) still resume.
+    fields = _STATE_FIELDS + (("ema",) if state.ema is not None else ())
+    return {f: serialization.to_state_dict(getattr(state, f)) for f in fields}
+
+
+def _state_from_dict(target: DistillState, d: dict) -> DistillState:
+    fields = _STATE_FIELDS + (("ema",) if target.ema is not None else ())
+    missing = [f for f in fields if f not in d]
+    if missing:
+        raise ValueError(f"the checkpoint has no {', '.join(missing)}")
+    return target.replace(**{f: serialization.from_state_dict(getattr(target, f), d[f], name=f)
+                             for f in fields})
+
+
+serialization.register_serialization_state(DistillState, _state_to_dict, _state_from_dict,
+                                           override=True)
 
 
 def uses_ema(config) -> bool:

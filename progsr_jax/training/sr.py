@@ -13,6 +13,7 @@ from a checkpoint continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Callable
@@ -27,7 +28,7 @@ from progsr_jax import data as data_lib
 from progsr_jax import losses, models, vgg
 from progsr_jax.training import checkpoint as ckpt_lib
 from progsr_jax.training import config as config_files
-from progsr_jax.training import core, reporting, sr_config
+from progsr_jax.training import core, reporting, sr_config, sr_validation
 
 log = logging.getLogger("progsr_jax")
 
@@ -102,13 +103,18 @@ def nonfinite_names(mask: int) -> list[str]:
     return core.bit_names(mask, CHECKED)
 
 
-def _apply_groups(tx, grads, opt_state, params, groups, stage):
-    """Adam on the parameter groups of stages 1..stage; later groups stay untouched."""
+def _apply_groups(tx, grads, opt_state, params, groups, stage, lr_scale=1.0):
+    """Adam on the parameter groups of stages 1..stage; later groups stay untouched.
+
+    ``lr_scale`` multiplies the updates (Adam's update is linear in its
+    learning rate): the ``optim.decay`` schedule, see :func:`lr_scale_at`.
+    """
     g_parts, p_parts = split_groups(grads, groups), split_groups(params, groups)
     new_opt = dict(opt_state)
     for k in range(1, stage + 1):
         key = str(k)
         upd, new_opt[key] = tx.update(g_parts[key], opt_state[key], p_parts[key])
+        upd = jax.tree_util.tree_map(lambda u: u * lr_scale, upd)
         p_parts[key] = optax.apply_updates(p_parts[key], upd)
     return merge_groups(p_parts), new_opt
 
@@ -117,7 +123,7 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
                     use_fan: bool, fan_module=None) -> Callable:
     """The full training iteration of one stage (pure; jit it).
 
-    ``step_fn(state, batch, alpha, vgg_params, fan_vars) -> (state, metrics)``:
+    ``step_fn(state, batch, alpha, vgg_params, fan_vars, lr_scale=1) -> (state, metrics)``:
     one generator update, then one discriminator update on a fresh G(x) from
     the updated generator, as in the authors' code.  A non-finite loss or
     gradient norm leaves the state unchanged and is recorded in
@@ -133,7 +139,7 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
     perc_on = w["perceptual"] > 0
     adv_on = w["adversarial"] > 0  # with no adversarial term the critic is not trained either
 
-    def step_fn(state: TrainState, batch, alpha, vgg_params, fan_vars):
+    def step_fn(state: TrainState, batch, alpha, vgg_params, fan_vars, lr_scale=1.0):
         lr, hr = batch["lr"], batch["hr"]
         key = jax.random.fold_in(key0, state.step)
 
@@ -162,7 +168,8 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
 
         (g_loss, (terms, g_stats)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
             state.g_params)
-        g_params, g_opt = _apply_groups(tx, g_grads, state.g_opt, state.g_params, G_GROUPS, stage)
+        g_params, g_opt = _apply_groups(tx, g_grads, state.g_opt, state.g_params, G_GROUPS, stage,
+                                        lr_scale)
 
         if adv_on:
             # Discriminator update on a fresh G(x) from the updated generator (train-mode
@@ -180,7 +187,7 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
 
             (d_loss, d_aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.d_params)
             d_params, d_opt = _apply_groups(tx, d_grads, state.d_opt, state.d_params, D_GROUPS,
-                                            stage)
+                                            stage, lr_scale)
             d_grad_norm = _global_norm(d_grads)
         else:
             zero = jnp.zeros((), jnp.float32)
@@ -222,6 +229,20 @@ def alpha_at(config, stage: int, it: int) -> float:
     return min(1.0, it / config.fade_steps)
 
 
+def lr_scale_at(config, stage: int, it: int) -> float:
+    """The learning-rate multiplier at iteration ``it`` (0-based) of ``stage``.
+
+    ``optim.decay='none'`` (the paper's): 1 throughout.  ``'cosine'``: 1 until
+    the final stage, then a cosine from 1 to 0 over the final stage's
+    iterations; a short run ends on small steps instead of wherever Adam's
+    last large ones left the generator.
+    """
+    if config.optim.decay == "none" or stage != config.final_stage:
+        return 1.0
+    n = max(1, int(config.stage_steps[stage - 1]))
+    return 0.5 * (1.0 + math.cos(math.pi * min(it, n) / n))
+
+
 def stage_at(config, step: int) -> tuple[int, int]:
     """(stage, iteration within the stage) of global step ``step``."""
     for k, begin, end in stage_schedule(config):
@@ -251,10 +272,11 @@ def _train(config, workdir: str, reporter) -> TrainState:
     shard = core.data_parallel()
 
     ds = data_lib.build_dataset(config_files.data_config(config), log=reporter.info)
-    reporter.info(f"data: {len(ds)} images from {config.data.source} "
-                  f"({config.data.root or 'built-in'}, split {config.data.split})")
+    reporter.info(f"data: {len(ds)} training images from {_describe_source(config)}, "
+                  f"split {config.data.split}")
 
     state, g, d = create_train_state(config, jax.random.PRNGKey(config.seed))
+    validator = _validator(config, g, reporter)
     manager = ckpt_lib.manager(workdir, config.keep_checkpoints)
     restored = ckpt_lib.restore_latest(manager, state)
     if restored is not None:
@@ -290,6 +312,18 @@ def _train(config, workdir: str, reporter) -> TrainState:
             reporter.info(f"non-finite {', '.join(names)} at iteration {bad}; training stopped")
             raise error
 
+    def validate(done, state, stage, alpha):
+        t0 = time.time()
+        values = validator({"params": state.g_params, "batch_stats": state.g_stats}, stage, alpha)
+        reporter.scalars(done, {"stage": stage, **values})
+        size = 16 * 2 ** stage
+        reporter.info(f"iteration {done}: validation at {size}x{size} on {values['val_count']} "
+                      f"images: PSNR {values['val_psnr']:.2f} dB (bicubic "
+                      f"{values['val_psnr_bicubic']:.2f}), SSIM {values['val_ssim']:.4f} "
+                      f"(bicubic {values['val_ssim_bicubic']:.4f}) [{time.time() - t0:.0f} s]")
+        bar.set_postfix(stage=stage, val_psnr=f"{values['val_psnr']:.2f}",
+                        bicubic=f"{values['val_psnr_bicubic']:.2f}")
+
     with core.StopSignal() as stop, reporter.progress(total, int(state.step)) as bar:
         for stage, begin, end in schedule:
             if int(state.step) >= end:
@@ -297,14 +331,16 @@ def _train(config, workdir: str, reporter) -> TrainState:
             jitted = jax.jit(make_train_step(config, g, d, stage, fan_vars is not None, fan_module),
                              donate_argnums=(0,),
                              in_shardings=(shard.replicated, shard.batch, None, shard.replicated,
-                                           shard.replicated),
+                                           shard.replicated, None),
                              out_shardings=(shard.replicated, shard.replicated))
             reporter.info(f"stage {stage}: {16 * 2 ** stage}x{16 * 2 ** stage} output, "
                           f"iterations {begin}..{end - 1}")
 
             def step_fn(state, step, batch, stage=stage, begin=begin, jitted=jitted):
                 alpha = alpha_at(config, stage, step - begin)
-                return jitted(state, batch, np.float32(alpha), vgg_params, fan_vars)
+                lr_scale = lr_scale_at(config, stage, step - begin)
+                return jitted(state, batch, np.float32(alpha), vgg_params, fan_vars,
+                              np.float32(lr_scale))
 
             def log(done, host, rate, stage=stage, begin=begin):
                 alpha = alpha_at(config, stage, done - 1 - begin)
@@ -315,9 +351,11 @@ def _train(config, workdir: str, reporter) -> TrainState:
                                 d=f"{reporter.last['d_loss']:.3f}")
 
             def after_step(done, state, last, stage=stage, begin=begin):
+                alpha = alpha_at(config, stage, done - 1 - begin)
                 if done % config.sample_every == 0 or last:
-                    alpha = alpha_at(config, stage, done - 1 - begin)
                     write_samples(workdir, g, state, ds, sample_idx, stage, alpha, done)
+                if validator is not None and (done % config.eval_every == 0 or last):
+                    validate(done, state, stage, alpha)
 
             def save(done, state, stage=stage, begin=begin):
                 alpha = alpha_at(config, stage, done - 1 - begin)
@@ -334,6 +372,33 @@ def _train(config, workdir: str, reporter) -> TrainState:
     manager.wait_until_finished()
     reporter.info(f"finished {total} iterations in {time.time() - start_time:.0f} s")
     return state
+
+
+def _describe_source(config) -> str:
+    source, root = config.data.source, config.data.root
+    if source == "synthetic":
+        return "the built-in synthetic faces"
+    if source == "tfds" or (source == "celeba" and not root):
+        from progsr_jax.data import celeba_tfds
+
+        return celeba_tfds.describe(config.data.tfds_data_dir or
+                                    (root if source == "tfds" else None))
+    return f"{source} at {root}"
+
+
+def _validator(config, g, reporter):
+    """The held-out set's :class:`~progsr_jax.training.sr_validation.Validator`, or None."""
+    val_cfg = sr_validation.data_config(config)
+    if val_cfg is None:
+        if int(config.val.num_images) > 0:
+            reporter.info("validation is off: a folder source needs --config.val.root=<folder of "
+                          "held-out images>")
+        return None
+    val_ds = data_lib.build_dataset(val_cfg, log=reporter.info)
+    reporter.info(f"validation: {min(len(val_ds), int(config.val.num_images))} held-out images "
+                  f"(split {val_cfg.split}) every {config.eval_every} iterations and at the end "
+                  "of each stage")
+    return sr_validation.Validator(val_ds, config.val.num_images, config.val.batch_size, g)
 
 
 def write_samples(workdir: str, g, state: TrainState, ds, idx, stage: int, alpha: float,

@@ -40,9 +40,14 @@ def validate(config, num_devices: int = 1) -> None:
     c.positive("model.width", "optim.lr")
     c.positive("model.d_width", allow_none=True)
     c.one_of("model.dtype", ("float32", "bfloat16"))
+    c.one_of("optim.decay", ("none", "cosine"))
     c.one_of("loss.pixel", ("l1", "mse"))
     c.one_of("loss.heatmap_norm", ("own", "pfsr_code"))
     for k in (1, 2, 3):
         c.non_negative(*(f"loss.stage{k}.{t}" for t in LOSS_TERMS))
-    c.data_source(SOURCES)
-    c.positive_int("log_every", "checkpoint_every", "sample_every", "keep_checkpoints")
+    c.data_source(SOURCES, need_root=("folder",))  # celeba without a root: through TFDS
+    c.positive_int("log_every", "checkpoint_every", "sample_every", "eval_every",
+                   "keep_checkpoints", "val.batch_size")
+    if not isinstance(config.val.num_images, int) or config.val.num_images < 0:
+        c.fail(f"val.num_images must be a non-negative integer (0: no validation), "
+               f"got {config.val.num_images!r}")
