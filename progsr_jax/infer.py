@@ -204,6 +204,19 @@ def plan_tfds(split: str, output: str, limit: int | None, data_dir: str | None, 
     return plan, lambda name: loader(name)[16]
 
 
+def report(written: list[str], skipped: list[tuple[str, str]], summary: str, log) -> None:
+    """Logs the skipped files and the summary line; a UserError when nothing was written."""
+    for path, reason in skipped:
+        log(f"skipped {path}: {reason}")
+    if skipped:
+        summary += f"; skipped {len(skipped)}: " + ", ".join(
+            os.path.basename(p) for p, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+    if not written:
+        raise UserError(f"nothing could be processed: {summary}"
+                        + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    log(summary)
+
+
 def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downsample",
         batch_size: int = 16, crop: str = "square", workers: int = 2,
         progress: bool = True, log=print, source: str = "files", split: str = "test",
@@ -251,17 +264,8 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
                 written.append(out)
             except OSError as e:
                 skipped.append((path, f"cannot write {out}: {e.strerror or e}"))
-    for path, reason in skipped:
-        log(f"skipped {path}: {reason}")
-    summary = (f"wrote {len(written)} of {len(plan)} image(s) "
-               f"({model.output_size}x{model.output_size} PNG)")
-    if skipped:
-        summary += f"; skipped {len(skipped)}: " + ", ".join(
-            os.path.basename(p) for p, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-    if not written:
-        raise UserError(f"nothing could be processed: {summary}"
-                        + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    log(summary)
+    report(written, skipped, f"wrote {len(written)} of {len(plan)} image(s) "
+           f"({model.output_size}x{model.output_size} PNG)", log)
     dest = os.path.dirname(plan[0][1]) if len(plan) == 1 else os.path.abspath(output)
     log(f"output: {written[0] if len(plan) == 1 else dest}")
     return {"written": written, "skipped": skipped, "output_size": model.output_size}
@@ -391,17 +395,8 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
         u = scales[keys[path][0]]
         log(f"no face found in {path}; written " + ("unchanged" if u == 1 else
                                                      f"upscaled {u:g}x (bicubic)"))
-    for path, reason in skipped:
-        log(f"skipped {path}: {reason}")
-    summary = (f"wrote {len(written)} of {len(plan)} photo(s) with {n_faces} face(s) restored"
-               + (f" ({len(no_face)} without a face)" if no_face else ""))
-    if skipped:
-        summary += f"; skipped {len(skipped)}: " + ", ".join(
-            os.path.basename(p) for p, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-    if not written:
-        raise UserError(f"nothing could be processed: {summary}"
-                        + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    log(summary)
+    report(written, skipped, f"wrote {len(written)} of {len(plan)} photo(s) with {n_faces} "
+           "face(s) restored" + (f" ({len(no_face)} without a face)" if no_face else ""), log)
     log(f"output: {out_root} (faces.json lists the faces)")
     return {"written": written, "skipped": skipped, "faces": records, "no_face": no_face,
             "upscale": scales, "output": out_root, "faces_json": faces_json}

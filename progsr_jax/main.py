@@ -3,6 +3,7 @@ r"""Train progressive face super-resolution.
     python -m progsr_jax.main --config=configs/step3.py --workdir=DIR \
         [--config.data.root=CELEBA_ROOT] [--config.fan.checkpoint=FAN_DIR] [--config.<field>=...]
 
+Without ``--config.data.root`` CelebA comes through TensorFlow Datasets.
 Re-running the same command on the same workdir resumes from its latest
 checkpoint.  On a multi-host TPU pod or multi-GPU cluster add
 ``--multihost`` on every host (calls ``jax.distributed.initialize()``).
@@ -23,7 +24,7 @@ def define(fv: flags.FlagValues) -> None:
 
 
 def main(argv=None) -> int:
-    fv = cli.parse(argv, define, __doc__, config="configs/step3.py[:paper|cpu|smoke]")
+    fv = cli.parse(argv, define, __doc__, config="configs/step3.py[:paper|cpu|demo|smoke]")
     cli.require(fv, "workdir")
     import jax
 

@@ -58,12 +58,7 @@ def _tiny_sr_config(**overrides):
     c.num_samples = 2
     c.data.num_synthetic = 8
     c.data.num_workers = 0
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 
@@ -87,3 +82,40 @@ def tiny_checkpoint(tmp_path_factory):
             "format": checkpoint.FORMAT}
     checkpoint.save_converted(str(path), jax.device_get(variables), None, meta)
     return path
+
+
+@pytest.fixture(scope="session")
+def convert_fan_tool():
+    """``tools/convert_fan_weights.py`` as a module (tools are scripts, not package modules)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_fan_weights",
+                                                  REPO / "tools" / "convert_fan_weights.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _FakeSR:
+    """A stand-in for ``inference.load()``: 8x nearest-neighbour upsampling times ``gain``
+    (1.05 leaves [-1, 1], to test clipping); records the batch size of every call."""
+
+    step, alpha, output_size = 3, 1.0, 128
+
+    def __init__(self, gain: float = 1.0):
+        self.gain = gain
+        self.calls = []
+
+    def __call__(self, x):
+        import numpy as np
+
+        x = np.asarray(x, np.float32)
+        assert x.shape[1:] == (16, 16, 3) and -1.0 <= x.min() and x.max() <= 1.0
+        self.calls.append(x.shape[0])
+        return np.repeat(np.repeat(x, 8, axis=1), 8, axis=2) * np.float32(self.gain)
+
+
+@pytest.fixture(scope="session")
+def fake_sr_type():
+    """The class of a fake super-resolver: ``fake_sr_type(gain=1.0)``."""
+    return _FakeSR

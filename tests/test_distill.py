@@ -38,12 +38,7 @@ def smoke_config(tmp_path, teacher_dir, **overrides):
     c = distill_config_of("smoke")
     c.teacher_heatmaps = str(teacher_dir)
     c.data.cache_dir = str(tmp_path / "cache")
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 

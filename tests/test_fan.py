@@ -21,13 +21,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_fan_weights.py"
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_fan_weights", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 # ---------------------------------------------------------------------------
 # PyTorch reference of fan_squeeze, written from shared/README.md
 
@@ -71,9 +64,9 @@ def released_state_dict(distilled_fan_file):
 
 
 @pytest.fixture(scope="module")
-def converted_dir(distilled_fan_file, tmp_path_factory):
+def converted_dir(distilled_fan_file, tmp_path_factory, convert_fan_tool):
     out = tmp_path_factory.mktemp("fan") / "converted"
-    assert _tool().main(["convert_fan_weights.py", "distilled", "--input", str(distilled_fan_file), "--output", str(out)]) == 0
+    assert convert_fan_tool.main(["convert_fan_weights.py", "distilled", "--input", str(distilled_fan_file), "--output", str(out)]) == 0
     return out
 
 
@@ -227,26 +220,26 @@ def test_parity_with_pytorch(converted_dir, released_state_dict, celeba_faces):
     assert float(np.abs(np.asarray(got) - want).max()) <= 1e-4
 
 
-def test_zip_state_dict_converts(tmp_path, released_state_dict, converted_dir, celeba_faces):
+def test_zip_state_dict_converts(tmp_path, released_state_dict, converted_dir, celeba_faces, convert_fan_tool):
     torch = pytest.importorskip("torch")
     sd = {k: torch.from_numpy(np.array(v)) for k, v in released_state_dict.items()}
     path = tmp_path / "fan_state_dict.pth"
     torch.save({"state_dict": sd}, path)  # zip format, wrapped
     out = tmp_path / "conv2"
-    assert _tool().main(["convert_fan_weights.py", "distilled", "--input", str(path), "--output", str(out)]) == 0
+    assert convert_fan_tool.main(["convert_fan_weights.py", "distilled", "--input", str(path), "--output", str(out)]) == 0
     a = landmarks.load(out)
     b = landmarks.load(converted_dir)
     x = celeba_faces[64][:2]
     np.testing.assert_array_equal(np.asarray(a(x)), np.asarray(b(x)))
 
 
-def test_wrong_state_dict_and_missing_dir(tmp_path, released_state_dict):
+def test_wrong_state_dict_and_missing_dir(tmp_path, released_state_dict, convert_fan_tool):
     torch = pytest.importorskip("torch")
     sd = {k: torch.from_numpy(np.array(v)) for k, v in released_state_dict.items() if k != "conv.bias"}
     path = tmp_path / "partial.pth"
     torch.save(sd, path)
     with pytest.raises(UserError, match="missing keys.*conv.bias"):
-        _tool().main(["convert_fan_weights.py", "distilled", "--input", str(path), "--output", str(tmp_path / "o")])
+        convert_fan_tool.main(["convert_fan_weights.py", "distilled", "--input", str(path), "--output", str(tmp_path / "o")])
     with pytest.raises(UserError, match="no converted FAN"):
         landmarks.load(tmp_path)
     with pytest.raises(UserError, match="does not exist"):

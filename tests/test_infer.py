@@ -14,23 +14,8 @@ from progsr_jax import infer
 from progsr_jax.errors import run_cli
 
 
-class FakeSR:
-    """Stand-in for inference.load(): 8x nearest-neighbour upsampling, times 1.05 (unclipped)."""
-
-    step, alpha, output_size = 3, 1.0, 128
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, x):
-        x = np.asarray(x, np.float32)
-        assert x.shape[1:] == (16, 16, 3) and x.min() >= -1.0 and x.max() <= 1.0
-        self.calls.append(x.shape[0])
-        return np.repeat(np.repeat(x, 8, axis=1), 8, axis=2) * np.float32(1.05)
-
-
 @pytest.fixture
-def fake_inference(monkeypatch):
+def fake_inference(monkeypatch, fake_sr_type):
     """Makes progsr_jax.inference.load return a FakeSR."""
     import progsr_jax
 
@@ -44,7 +29,7 @@ def fake_inference(monkeypatch):
 
     def load(path):
         holder["path"] = path
-        holder["sr"] = FakeSR()
+        holder["sr"] = fake_sr_type(gain=1.05)
         return holder["sr"]
 
     monkeypatch.setattr(inference, "load", load, raising=False)

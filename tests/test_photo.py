@@ -489,21 +489,6 @@ def test_native_upscale_puts_128_pixels_across_the_crop():
 # The pipeline: photo.restore / SuperResolver.restore / infer --mode=photo
 
 
-class FakeSR:
-    """A stand-in step-3 model: 8x nearest-neighbour upsampling; records its batch sizes."""
-
-    step, alpha, output_size = 3, 1.0, 128
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, x):
-        x = np.asarray(x, np.float32)
-        assert x.shape[1:] == (16, 16, 3) and -1.0 <= x.min() and x.max() <= 1.0
-        self.calls.append(x.shape[0])
-        return np.repeat(np.repeat(x, 8, axis=1), 8, axis=2)
-
-
 def _oval_mask(size, feather):
     from PIL import ImageDraw, ImageFilter
 
@@ -558,10 +543,10 @@ def _coverage(img, transforms, size):
     return coverage
 
 
-def test_restore_finds_and_restores_every_face(detector, group):
+def test_restore_finds_and_restores_every_face(detector, group, fake_sr_type):
     from progsr_jax import photo
 
-    sr = FakeSR()
+    sr = fake_sr_type()
     r = photo.restore_photo(sr, group, upscale=2.0, detector=detector)
     assert len(r.faces) == len(GROUP_LAYOUT)
     for layout in GROUP_LAYOUT:
@@ -585,7 +570,7 @@ def test_restore_finds_and_restores_every_face(detector, group):
     assert np.array_equal(np.asarray(r.image)[outside], bicubic[outside])
     assert np.abs(np.asarray(r.image, np.int16) - bicubic)[r.coverage > 0.99].mean() > 1.0
     # auto: the smallest face at the model's own 8x (within 1..8)
-    auto = photo.restore_photo(FakeSR(), group, detector=detector)
+    auto = photo.restore_photo(fake_sr_type(), group, detector=detector)
     native = paste.native_upscale([f.transform for f in auto.faces])
     assert 1.0 < native < 8.0 and auto.upscale == pytest.approx(native)
     assert auto.image.size == paste.output_size(group.size, native)
@@ -597,10 +582,10 @@ def data_preprocess_16(aligned128: np.ndarray) -> np.ndarray:
     return data.preprocess(Image.fromarray(aligned128), crop="none")[16]
 
 
-def test_restore_options_and_batches(detector, group):
+def test_restore_options_and_batches(detector, group, fake_sr_type):
     from progsr_jax import photo
 
-    sr = FakeSR()
+    sr = fake_sr_type()
     _, faces = photo.restore(sr, group, upscale=1.5, detector=detector, batch_size=4)
     assert sr.calls == [4, 1] and len(faces) == 5
     areas = sorted(((f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in faces), reverse=True)
@@ -618,18 +603,18 @@ def test_restore_options_and_batches(detector, group):
         with pytest.raises(UserError, match="upscale"):
             photo.restore(sr, group, upscale=bad, detector=detector)
     with pytest.raises(UserError, match="128x128"):
-        small = FakeSR()
+        small = fake_sr_type()
         small.output_size = 64
         photo.restore(small, group, detector=detector)
 
 
-def test_restore_without_faces_returns_the_photo(detector):
+def test_restore_without_faces_returns_the_photo(detector, fake_sr_type):
     from progsr_jax import photo
 
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:120, 0:160]
     img = Image.fromarray((np.stack([xx, yy, 0 * xx + 90], -1) + rng.integers(0, 6, (120, 160, 3))).astype(np.uint8))
-    sr = FakeSR()
+    sr = fake_sr_type()
     r = photo.restore_photo(sr, img, detector=detector)
     assert r.faces == [] and r.upscale == 1.0 and sr.calls == []
     assert np.array_equal(np.asarray(r.image), np.asarray(img))

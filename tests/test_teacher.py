@@ -8,7 +8,6 @@ to half a quantisation step, (max - min) / 510 of each image's channel.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -20,15 +19,6 @@ from progsr_jax.errors import UserError
 
 torch = pytest.importorskip("torch")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "convert_fan_weights.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_fan_weights", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _inputs64(celeba_root, n):
@@ -66,10 +56,10 @@ def _args(**kw):
     return out
 
 
-def test_distilled_teacher_end_to_end_and_resume(tmp_path, celeba_root, distilled_fan_file):
+def test_distilled_teacher_end_to_end_and_resume(tmp_path, celeba_root, distilled_fan_file, convert_fan_tool):
     from progsr_jax.interop.torch_pickle import load_torch_file
 
-    tool = _tool()
+    tool = convert_fan_tool
     out = tmp_path / "teacher"
     common = ["convert_fan_weights.py", "teacher-heatmaps", "--teacher=distilled", "--no_progress",
               *_args(weights=distilled_fan_file, data_root=celeba_root, split="train", limit=20,
@@ -124,11 +114,11 @@ def test_distilled_teacher_end_to_end_and_resume(tmp_path, celeba_root, distille
                           limit=12, batch_size=8, chunk_size=8, output=out)])
 
 
-def test_uint8_storage(tmp_path, celeba_root, distilled_fan_file):
+def test_uint8_storage(tmp_path, celeba_root, distilled_fan_file, convert_fan_tool):
     from progsr_jax.interop.torch_pickle import load_torch_file
 
     out = tmp_path / "q"
-    _tool().main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=distilled", "--no_progress", "--dtype=uint8",
+    convert_fan_tool.main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=distilled", "--no_progress", "--dtype=uint8",
                   *_args(weights=distilled_fan_file, data_root=celeba_root, split="val", limit=5,
                          batch_size=4, output=out)])
     from progsr_jax import data
@@ -142,7 +132,7 @@ def test_uint8_storage(tmp_path, celeba_root, distilled_fan_file):
     assert np.load(out / "heatmaps.npy", mmap_mode="r").dtype == np.uint8
 
 
-def test_fan4_teacher_random_weights(tmp_path, celeba_root):
+def test_fan4_teacher_random_weights(tmp_path, celeba_root, convert_fan_tool):
     import torch.nn.functional as F
 
     from progsr_jax.interop.pytorch.fan4 import FAN4
@@ -152,7 +142,7 @@ def test_fan4_teacher_random_weights(tmp_path, celeba_root):
     weights = tmp_path / "fan4_random.pth.tar"
     torch.save(net.state_dict(), weights, _use_new_zipfile_serialization=False)  # like 2DFAN4's file
     out = tmp_path / "fan4"
-    assert _tool().main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=fan4", "--no_progress",
+    assert convert_fan_tool.main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=fan4", "--no_progress",
                          *_args(weights=weights, data_root=celeba_root, split="train", limit=1,
                                 batch_size=4, output=out)]) == 0
     _, x = _inputs64(celeba_root, 1)  # FAN4 takes ~3 s per image on a CPU core
@@ -166,8 +156,8 @@ def test_fan4_teacher_random_weights(tmp_path, celeba_root):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_torchscript_and_bad_inputs(tmp_path, celeba_root):
-    tool = _tool()
+def test_torchscript_and_bad_inputs(tmp_path, celeba_root, convert_fan_tool):
+    tool = convert_fan_tool
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -193,7 +183,7 @@ def test_torchscript_and_bad_inputs(tmp_path, celeba_root):
         teacher.open(tmp_path)
 
 
-def test_folder_source_with_unreadable_image(tmp_path, celeba_root, distilled_fan_file):
+def test_folder_source_with_unreadable_image(tmp_path, celeba_root, distilled_fan_file, convert_fan_tool):
     import shutil
 
     from progsr_jax import data
@@ -204,7 +194,7 @@ def test_folder_source_with_unreadable_image(tmp_path, celeba_root, distilled_fa
         shutil.copy(p, root / f"{i}.jpg")
     (root / "1b_broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "t"
-    s = _tool().teacher_heatmaps(teacher="distilled", weights=str(distilled_fan_file),
+    s = convert_fan_tool.teacher_heatmaps(teacher="distilled", weights=str(distilled_fan_file),
                                  data_root=str(root), split="all", source="folder", output=str(out),
                                  progress=False)
     r = teacher.open(out)
