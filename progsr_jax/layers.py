@@ -45,49 +45,46 @@ def conv2d(x, w, b, padding: int, dtype):
     return y
 
 
-class Conv2d(nn.Module):
-    """``torch.nn.Conv2d`` (stride 1): params ``weight`` (HWIO) and ``bias``."""
+class _Conv(nn.Module):
+    """The fields of a stride-1 square convolution ("same" padding by default)."""
 
     features: int
     kernel_size: int = 3
     padding: int = 1
     dtype: Dtype = jnp.float32
 
+    def weight_shape(self, x) -> tuple[tuple[int, ...], int]:
+        """(HWIO weight shape, fan-in) for input ``x``."""
+        cin, k = x.shape[-1], self.kernel_size
+        return (k, k, cin, self.features), cin * k * k
+
+
+class Conv2d(_Conv):
+    """``torch.nn.Conv2d`` (stride 1): params ``weight`` (HWIO) and ``bias``."""
+
     @nn.compact
     def __call__(self, x):
-        cin = x.shape[-1]
-        k = self.kernel_size
-        bound = 1.0 / math.sqrt(cin * k * k)
-        w = self.param("weight", _torch_uniform(bound), (k, k, cin, self.features))
+        shape, fan_in = self.weight_shape(x)
+        bound = 1.0 / math.sqrt(fan_in)
+        w = self.param("weight", _torch_uniform(bound), shape)
         b = self.param("bias", _torch_uniform(bound), (self.features,))
         return conv2d(x, w, b, self.padding, self.dtype)
 
 
-class _EqualLRConv(nn.Module):
+class _EqualLRConv(_Conv):
     """The wrapped conv of an EqualConv2d: ``weight_orig`` ~ N(0, 1), bias 0."""
-
-    features: int
-    kernel_size: int = 3
-    padding: int = 1
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        cin = x.shape[-1]
-        k = self.kernel_size
-        w = self.param("weight_orig", nn.initializers.normal(1.0), (k, k, cin, self.features))
+        shape, fan_in = self.weight_shape(x)
+        w = self.param("weight_orig", nn.initializers.normal(1.0), shape)
         b = self.param("bias", nn.initializers.zeros, (self.features,))
-        scale = math.sqrt(2.0 / (cin * k * k))  # equalized learning rate (He constant)
+        scale = math.sqrt(2.0 / fan_in)  # equalized learning rate (He constant)
         return conv2d(x, w * scale, b, self.padding, self.dtype)
 
 
-class EqualConv2d(nn.Module):
+class EqualConv2d(_Conv):
     """Equalized-learning-rate conv; PyTorch keys ``<name>.conv.weight_orig/bias``."""
-
-    features: int
-    kernel_size: int = 3
-    padding: int = 1
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):

@@ -20,7 +20,6 @@ from progsr_jax.errors import UserError
 torch = pytest.importorskip("torch")
 
 
-
 def _inputs64(celeba_root, n):
     from progsr_jax import data
 
