@@ -232,8 +232,8 @@ def test_decompression_bomb_refused(tmp_path, monkeypatch):
 def test_misuse_gives_clear_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         data.list_files("celeba", tmp_path / "nowhere", "train")
-    with pytest.raises(UserError, match="no data root"):
-        data.build_dataset(cfg(source="celeba", root=None), progress=False)
+    with pytest.raises(UserError, match="no data root"):  # (celeba without a root: TFDS)
+        data.build_dataset(cfg(source="folder", root=None), progress=False)
     (tmp_path / "Img" / "img_align_celeba").mkdir(parents=True)
     noise_image(0).save(tmp_path / "Img" / "img_align_celeba" / "000001.jpg")
     with pytest.raises(UserError, match="partition file not found"):

@@ -192,7 +192,11 @@ def test_training_is_deterministic_and_resume_is_exact(tmp_path, tiny_config):
 
     recs = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert {r["stage"] for r in recs} == {1, 2, 3}
+    val = [r for r in recs if "val_psnr" in r]  # validation records, at every stage's end
+    assert [r["step"] for r in val] == [2, 4, 6]
     for r in recs:
+        if r in val:
+            continue
         for key in ("step", "alpha", "pixel", "perceptual", "adversarial", "heatmap",
                     "attention", "images_per_sec", "d_loss", "g_loss"):
             assert key in r
