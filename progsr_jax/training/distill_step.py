@@ -74,8 +74,7 @@ def student_variables(state: DistillState) -> dict:
 def ema_decay_at(config, step):
     """The EMA decay used at (0-based) iteration ``step``: ``min(ema_decay, (1 + step) /
     (10 + step))``, so that the random initial weights are forgotten within the first
-    iterations (the warm-up of timm's ModelEmaV2 and of tf.train.ExponentialMovingAverage's
-    ``num_updates``)."""
+    iterations (the warm-up of tf.train.ExponentialMovingAverage with ``num_updates``)."""
     step = jnp.asarray(step, jnp.float32)
     return jnp.minimum(jnp.float32(config.ema_decay), (1.0 + step) / (10.0 + step))
 
@@ -247,6 +246,7 @@ def spatial_softmax_kl(target, pred, temperature: float):
     lt = jax.nn.log_softmax(target.reshape(n, h * w, c).astype(jnp.float32) / temperature, axis=1)
     lp = jax.nn.log_softmax(pred.reshape(n, h * w, c).astype(jnp.float32) / temperature, axis=1)
     return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - lp), axis=1))
+
 
 # ---------------------------------------------------------------------------
 # Augmentation (config.augment): the same geometric transform applied to the
