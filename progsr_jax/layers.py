@@ -201,3 +201,14 @@ def upsample_nearest2(x):
 def count_params(params) -> int:
     """Number of parameters (array elements) in a parameter tree."""
     return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
+
+
+def safe_sqrt(x):
+    """sqrt with a zero (not NaN) gradient at 0; the forward value is exact.
+
+    The minibatch-std channel is sqrt(var) over the batch, whose gradient is
+    0/0 where every image of the batch has the same value (e.g. saturated or
+    constant outputs early in training); PyTorch's ``std`` returns NaN there.
+    """
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 from progsr_jax.layers import (BatchNorm2d, Conv2d, ConvTranspose2d, EqualConv2d, Linear,
-                               avg_pool2, upsample_nearest2)
+                               avg_pool2, safe_sqrt, upsample_nearest2)
 
 Dtype = Any
 
@@ -31,17 +31,6 @@ G_CONV_TRANSPOSE = ("step1_4", "step2_1", "step3_1")
 
 def channels(c: int, width: float) -> int:
     return max(1, int(round(c * width)))
-
-
-def safe_sqrt(x):
-    """sqrt with a zero (not NaN) gradient at 0; the forward value is exact.
-
-    The minibatch-std channel is sqrt(var) over the batch, whose gradient is
-    0/0 where every image of the batch has the same value (e.g. saturated or
-    constant outputs early in training); PyTorch's ``std`` returns NaN there.
-    """
-    pos = x > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
 def fading(alpha) -> jnp.ndarray:
