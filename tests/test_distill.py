@@ -116,7 +116,7 @@ def test_smoke_end_to_end(trained):
     fan = landmarks.load(one)
     assert fan.meta["step"] == 12 and fan.meta["final"] and fan.meta["width"] == 0.125
     assert fan(np.zeros((2, 64, 64, 3), np.float32)).shape == (2, 64, 64, 68)
-    # ... holding the moving average of the weights (the smoke variant keeps one, as :cpu does)
+    # ... holding the moving average of the weights (the smoke variant keeps one; :cpu does not)
     assert c.ema_decay > 0 and state.ema is not None and fan.meta["ema_decay"] == c.ema_decay
     for a, b in zip(jax.tree_util.tree_leaves(fan.variables),
                     jax.tree_util.tree_leaves(jax.device_get(state.ema))):
