@@ -41,6 +41,13 @@ PAPER_LOSS_WEIGHTS = {
 }
 
 
+def _pixel_loss_only(c):
+    """No perceptual and no adversarial term at any stage (the critic is then skipped)."""
+    for stage in (1, 2, 3):
+        c.loss[f"stage{stage}"].perceptual = 0.0
+        c.loss[f"stage{stage}"].adversarial = 0.0
+
+
 def get_config(variant="paper"):
     placeholder = ml_collections.config_dict.placeholder
     c = ml_collections.ConfigDict()
@@ -140,9 +147,7 @@ def get_config(variant="paper"):
         c.batch_size = 8
         c.stage_steps = (500, 500, 2000)
         c.fade_steps = 200
-        for stage in (1, 2, 3):
-            c.loss[f"stage{stage}"].perceptual = 0.0
-            c.loss[f"stage{stage}"].adversarial = 0.0
+        _pixel_loss_only(c)
         c.log_every = 50
         c.checkpoint_every = 500
         c.sample_every = 500
@@ -165,9 +170,7 @@ def get_config(variant="paper"):
         c.batch_size = 8
         c.stage_steps = (40, 40, 640)
         c.fade_steps = 30
-        for stage in (1, 2, 3):
-            c.loss[f"stage{stage}"].perceptual = 0.0
-            c.loss[f"stage{stage}"].adversarial = 0.0
+        _pixel_loss_only(c)
         c.optim.lr = 2e-3
         c.optim.b1 = 0.9
         c.optim.decay = "cosine"

@@ -158,14 +158,19 @@ class _InputLoader:
         return data.preprocess(img, crop=self.crop)[16]
 
 
-def plan_outputs(input_path: str, output: str) -> list[tuple[str, str]]:
-    """``[(input file, output file)]`` for a file or folder input; UserError if none."""
+def _resolve(input_path: str, output: str, output_kind: str) -> tuple[str, str]:
+    """Absolute ``(input, output)`` paths; UserError when either is missing."""
     if not input_path:
         raise UserError("--input=FILE_OR_DIR is required")
     if not output:
-        raise UserError("--output=FILE_OR_DIR is required")
-    src = os.path.abspath(os.path.expanduser(input_path))
-    dst = os.path.abspath(os.path.expanduser(output))
+        raise UserError(f"--output={output_kind} is required")
+    return (os.path.abspath(os.path.expanduser(input_path)),
+            os.path.abspath(os.path.expanduser(output)))
+
+
+def plan_outputs(input_path: str, output: str) -> list[tuple[str, str]]:
+    """``[(input file, output file)]`` for a file or folder input; UserError if none."""
+    src, dst = _resolve(input_path, output, "FILE_OR_DIR")
     if os.path.isfile(src):
         if os.path.isdir(dst) or output.endswith(("/", os.sep)):
             dst = os.path.join(dst, os.path.splitext(os.path.basename(src))[0] + ".png")
@@ -293,12 +298,7 @@ def open_photo(path: str) -> Image.Image:
 
 def plan_photo_outputs(input_path: str, output: str) -> tuple[str, list[tuple[str, str, str]]]:
     """``(output folder, [(input file, faces.json key, restored PNG path)])``."""
-    if not input_path:
-        raise UserError("--input=FILE_OR_DIR is required")
-    if not output:
-        raise UserError("--output=DIR is required")
-    src = os.path.abspath(os.path.expanduser(input_path))
-    dst = os.path.abspath(os.path.expanduser(output))
+    src, dst = _resolve(input_path, output, "DIR")
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise UserError(f"--mode=photo writes a folder, but --output={dst} is a file")
     if os.path.isfile(src):
