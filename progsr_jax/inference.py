@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from progsr_jax import models
+from progsr_jax import checkpoints, models
 from progsr_jax.errors import UserError
-from progsr_jax.training import checkpoint as ckpt_lib
 
 
 class SuperResolver:
@@ -67,7 +66,7 @@ class SuperResolver:
 
 def load(path: str) -> SuperResolver:
     """The generator at ``path`` (workdir, checkpoints/ folder, one step's folder or converted)."""
-    variables, meta = ckpt_lib.load_generator(path)
+    variables, meta = checkpoints.load_generator(path)
     width = float(meta.get("width", 1.0))
     ref = models.generator_shapes(width)
     ref_shapes = jax.tree_util.tree_map(lambda a: tuple(a.shape), ref)
