@@ -25,6 +25,24 @@ from progsr_jax.layers import (BatchNorm2d, Conv2d, ConvTranspose2d, EqualConv2d
 
 Dtype = Any
 
+#: The generator's input side (16x16 faces) and its stages (resolution steps).
+INPUT_SIZE = 16
+STAGES = (1, 2, 3)
+
+
+def output_size(stage: int) -> int:
+    """The generator's output side at ``stage`` (1, 2, 3 -> 32, 64, 128; 0 -> the 16x16 input)."""
+    return INPUT_SIZE * 2 ** int(stage)
+
+
+def stage_of_size(size: int) -> int:
+    """The stage whose output is ``size`` x ``size`` (inverse of :func:`output_size`)."""
+    for stage in (0,) + STAGES:
+        if output_size(stage) == int(size):
+            return stage
+    raise ValueError(f"no stage makes {size}x{size} outputs (expected 16, 32, 64 or 128)")
+
+
 # Names of the transposed convolutions (their PyTorch weights are (in, out, kh, kw)).
 G_CONV_TRANSPOSE = ("step1_4", "step2_1", "step3_1")
 
