@@ -291,8 +291,8 @@ def _train(config, workdir: str, reporter) -> TrainState:
     vgg_params = jax.device_put(vgg.load_vgg16_features_params(), shard.replicated)
     fan_module, fan_vars = None, None
     if config.fan.checkpoint:
-        from progsr_jax import landmarks
-        fan_module, fan_vars = landmarks.load_variables(config.fan.checkpoint)
+        from progsr_jax import fan as fan_lib
+        fan_module, fan_vars = fan_lib.load_variables(config.fan.checkpoint)
         fan_vars = jax.device_put(fan_vars, shard.replicated)
         reporter.info(f"heatmap and attention losses use the FAN at {config.fan.checkpoint}")
     elif config.final_stage > 1:
