@@ -37,7 +37,7 @@ from progsr_jax.errors import UserError
 @functools.lru_cache(maxsize=32)
 def _compiled(model: models.Generator, stage: int):
     """One jitted forward pass per (generator, stage), shared by every SuperResolver."""
-    return jax.jit(functools.partial(model.apply, step=stage, train=False))
+    return jax.jit(functools.partial(model.apply, stage=stage, train=False))
 
 
 class SuperResolver:
