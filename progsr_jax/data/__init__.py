@@ -15,7 +15,8 @@ The path of an image through the pipeline:
    function of ``(seed, step)``) and prefetches them to the devices.
 
 :mod:`~progsr_jax.data.teacher` reads the teacher heatmaps used to distil the
-landmark network.  The names below are the public API of the package.
+landmark network; :mod:`~progsr_jax.data.loading` decodes a list of files in
+threads for the commands (evaluate, infer) and checks their output folders.  The names below are the public API of the package.
 """
 
 from progsr_jax.data.batches import (Prefetcher, batch_indices, batch_loader, gather, get_batch,

@@ -2,7 +2,7 @@
 
 The engine behind ``python -m progsr_jax.evaluate`` (whose docstring tells the
 data, the methods, the two protocols and the files written).  One pass over
-the files in order: decode in threads (:func:`~progsr_jax.evaluation.crops.loaded_batches`),
+the files in order: decode in threads (:func:`~progsr_jax.data.loading.loaded_batches`),
 super-resolve a batch with a :class:`Method`, score it with one jit-compiled
 :class:`BatchScorer` (per-image metrics, LPIPS, and the pfsr batch scores),
 then write ``metrics.json``, ``per_image.csv`` and ``comparison.png``.
