@@ -69,6 +69,8 @@ def _parse(argv, define, doc, config) -> tuple[flags.FlagValues, list[str]]:
     if config:
         from ml_collections import config_flags
 
+        argv = _resolve_recipe(argv)
+
         config_flags.DEFINE_config_file("config", None, f"configuration file, e.g. {config}",
                                         flag_values=fv, lock_config=True, sys_argv=argv)
     if any(a in HELP_FLAGS for a in argv[1:]):
@@ -85,6 +87,20 @@ def _parse(argv, define, doc, config) -> tuple[flags.FlagValues, list[str]]:
     if config:
         _check_config(fv, config)
     return fv, list(rest[1:])
+
+
+def _resolve_recipe(argv: list[str]) -> list[str]:
+    """``--config=configs/step3.py[:variant]`` that is not on disk -> the installed recipe
+    (:func:`progsr_jax.recipes.resolve`); other arguments unchanged."""
+    from progsr_jax import recipes
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + recipes.resolve(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = recipes.resolve(out[i + 1])
+    return out
 
 
 def _check_config(fv: flags.FlagValues, example: str) -> None:

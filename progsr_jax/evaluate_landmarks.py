@@ -7,7 +7,7 @@ Usage::
         [--crop_scale=1.9] [--crop_shift=0.17] [--limit=N] [--output=DIR]
 
 ``--fan``/``--reference_fan`` are converted FAN folders
-(:func:`progsr_jax.landmarks.load`).  ``--data_root`` is a folder of images
+(:func:`progsr_jax.fan.load`).  ``--data_root`` is a folder of images
 (searched recursively) with 300-W ``.pts`` files beside them (0-based pixel
 coordinates), e.g. ``shared/data/faces68`` or one of its ``afw``,
 ``helen_train``, ``ffhq`` subfolders.

@@ -15,23 +15,40 @@ All convolutions have stride 1, so the output has the input's resolution.
 ``batch_stats/layers_1/running_mean``).  Note: the released module was
 pickled in training mode (``training=True``); the heatmap loss here uses it in
 evaluation mode (running statistics) unless ``train=True`` is passed.
+
+The FAN folder format
+---------------------
+A FAN folder holds ``fan_meta.json`` (``{"kind": "student_fan", "width": 1.0,
+...}``) and ``variables/``, an Orbax checkpoint of ``{"params",
+"batch_stats"}``.  Two commands write one, both through :func:`save`:
+``tools/convert_fan_weights.py distilled`` (the authors' released student)
+and ``python -m progsr_jax.distill`` (a student distilled here, in its
+workdir); :func:`load` (a jit-compiled :class:`LandmarkNet`),
+:func:`load_variables` and ``--config.fan.checkpoint`` read either.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
-from progsr_jax.landmarks import NUM_LANDMARKS
+from progsr_jax.errors import UserError
+from progsr_jax.landmarks import NUM_LANDMARKS, heatmaps_to_landmarks
 from progsr_jax.layers import BatchNorm2d, Conv2d
 
 STUDENT_FAN_PARAMS = 321_412
 _CHANNELS = (32, 64, 128, 128)
 LEAKY_SLOPE = 0.01  # negative slope of every LeakyReLU, the output's included
 OUTPUT_LAYER = "layers_9"  # the last convolution (68 heatmaps)
+META_FILE = "fan_meta.json"
+VARIABLES_DIR = "variables"
+KIND = "student_fan"  # fan_meta.json's "kind" of a FAN folder
 
 
 def _leaky_relu(x):
@@ -71,3 +88,112 @@ def abstract_variables(module: StudentFAN) -> dict:
     x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
 
+
+# ---------------------------------------------------------------------------
+# The FAN folder format
+
+
+def _read_meta(directory: str) -> dict:
+    meta_path = os.path.join(directory, META_FILE)
+    if os.path.isfile(directory):
+        raise UserError(f"{directory} is a file, not a converted FAN folder; convert it first: "
+                        "python tools/convert_fan_weights.py distilled --input FILE --output DIR")
+    if not os.path.isdir(directory):
+        raise UserError(f"no converted FAN at {directory}: the folder does not exist "
+                        "(create it with: python tools/convert_fan_weights.py distilled "
+                        "--input compressed_model_011000.pth --output DIR)")
+    if not os.path.isfile(meta_path) or not os.path.isdir(os.path.join(directory, VARIABLES_DIR)):
+        raise UserError(f"{directory} holds no converted FAN (no {META_FILE} and {VARIABLES_DIR}/); "
+                        "create it with: python tools/convert_fan_weights.py distilled "
+                        "--input compressed_model_011000.pth --output DIR")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{meta_path} is unreadable: {e}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+        raise UserError(f"{meta_path} does not describe a converted student FAN "
+                        f"(kind={meta.get('kind') if isinstance(meta, dict) else None!r})")
+    return meta
+
+
+def save(directory: str | os.PathLike, variables: dict, meta: dict) -> dict:
+    """Writes a FAN folder: ``variables/`` (Orbax) and ``fan_meta.json`` (``meta`` + kind, I/O).
+
+    ``meta`` should say at least the ``width``; the meta file is written last
+    and atomically, so a folder with a readable ``fan_meta.json`` is complete.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
+        ckptr.wait_until_finished()
+    meta = {"kind": KIND, "input": "NHWC RGB in [0, 1], any size",
+            "output": f"(N, H, W, {NUM_LANDMARKS}) heatmaps", **meta}
+    path = os.path.join(directory, META_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return meta
+
+
+def load_variables(directory: str | os.PathLike, dtype: Any = None):
+    """``(StudentFAN module, variables)`` from a converted FAN folder.
+
+    ``variables`` is ``{"params": ..., "batch_stats": ...}`` of float32 jax
+    arrays, for use inside losses: ``module.apply(variables, x)``.
+    """
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    meta = _read_meta(directory)
+    width = float(meta.get("width", 1.0))
+    module = StudentFAN(width=width, dtype=dtype or jnp.float32)
+    abstract = abstract_variables(module)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(os.path.join(directory, VARIABLES_DIR), abstract)
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one line
+        raise UserError(f"cannot restore the FAN variables in {directory}/{VARIABLES_DIR} "
+                        f"(width {width}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        ) from None
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), restored)
+    return module, variables
+
+
+class LandmarkNet:
+    """``fan(x)``: NHWC float RGB in [0, 1] (any size) -> (N, H, W, 68) heatmaps (jit-compiled)."""
+
+    def __init__(self, module, variables, meta: dict | None = None):
+        import jax
+
+        self.module = module
+        self.variables = variables
+        self.meta = dict(meta or {})
+        self._apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
+
+    def __call__(self, x):
+        import jax.numpy as jnp
+
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise UserError(f"the FAN expects NHWC RGB images, got shape {tuple(x.shape)}")
+        return self._apply(self.variables, x)
+
+    def landmarks(self, x, convention: str = "index") -> np.ndarray:
+        """(N, 68, 2) landmark coordinates (see :func:`heatmaps_to_landmarks`)."""
+        return heatmaps_to_landmarks(np.asarray(self(x)), convention=convention)
+
+
+def load(directory: str | os.PathLike, dtype: Any = None) -> LandmarkNet:
+    """Loads a converted distilled FAN folder as a jit-compiled callable."""
+    directory = os.path.abspath(os.fspath(directory))
+    meta = _read_meta(directory)
+    module, variables = load_variables(directory, dtype=dtype)
+    return LandmarkNet(module, variables, meta)

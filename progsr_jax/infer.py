@@ -82,7 +82,6 @@ from a folder instead of the installed facenet-pytorch wheel.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -90,10 +89,12 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from progsr_jax import cli, data
+from progsr_jax import batching, cli, data
+from progsr_jax.data.loading import loaded_batches, make_writable_dir
 from progsr_jax.errors import UserError
 from progsr_jax.evaluation import crops
-from progsr_jax.evaluation.sr import ModelMethod
+from progsr_jax.photo.files import (  # noqa: F401 - the file handling, re-exported
+    faces_json_text, open_photo, plan_outputs, plan_photo_outputs, report, restore_files)
 
 MODES = ("downsample", "lowres", "photo")
 
@@ -158,41 +159,39 @@ class _InputLoader:
         return data.preprocess(img, crop=self.crop)[16]
 
 
-def _resolve(input_path: str, output: str, output_kind: str) -> tuple[str, str]:
-    """Absolute ``(input, output)`` paths; UserError when either is missing."""
-    if not input_path:
-        raise UserError("--input=FILE_OR_DIR is required")
-    if not output:
-        raise UserError(f"--output={output_kind} is required")
-    return (os.path.abspath(os.path.expanduser(input_path)),
-            os.path.abspath(os.path.expanduser(output)))
+def load_model(checkpoint: str | None):
+    """The model of ``--checkpoint`` (:func:`progsr_jax.inference.load`); one-line errors."""
+    if not checkpoint:
+        raise UserError("--checkpoint=PATH is required (a training workdir, a checkpoint "
+                        "directory or a converted official checkpoint)")
+    if not os.path.exists(checkpoint):
+        raise UserError(f"--checkpoint not found: {checkpoint}")
+    from progsr_jax import inference
+
+    return inference.load(checkpoint)
 
 
-def plan_outputs(input_path: str, output: str) -> list[tuple[str, str]]:
-    """``[(input file, output file)]`` for a file or folder input; UserError if none."""
-    src, dst = _resolve(input_path, output, "FILE_OR_DIR")
-    if os.path.isfile(src):
-        if os.path.isdir(dst) or output.endswith(("/", os.sep)):
-            dst = os.path.join(dst, os.path.splitext(os.path.basename(src))[0] + ".png")
-        return [(src, dst)]
-    if not os.path.isdir(src):
-        raise UserError(f"--input does not exist: {src}")
-    if os.path.isfile(dst):
-        raise UserError(f"--input is a folder, so --output must be a folder, but {dst} is a file")
-    files = data.list_files("folder", src, "all")
-    plan, used = [], set()
-    for f in files:
-        rel = os.path.relpath(f, src)
-        target = os.path.splitext(rel)[0] + ".png"
-        if target.lower() in used:
-            target = rel + ".png"
-            k = 1
-            while target.lower() in used:
-                target = f"{rel}.{k}.png"
-                k += 1
-        used.add(target.lower())
-        plan.append((f, os.path.join(dst, target)))
-    return plan
+def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="auto",
+              min_face: float = 20.0, max_faces: int | None = None,
+              only_center_face: bool = False, detector_weights: str | None = None,
+              batch_size: int = 16, workers: int = 2, progress: bool = True, log=print) -> dict:
+    """``--mode=photo``: :func:`progsr_jax.photo.restore_photo` on every photo, files written
+    (:func:`progsr_jax.photo.files.restore_files`, which tells what it returns)."""
+    from progsr_jax.photo import detection, pipeline
+
+    upscale = pipeline.parse_upscale(upscale)
+    out_root, plan = plan_photo_outputs(input_path, output)
+    if max_faces is not None and max_faces < 1:
+        raise UserError(f"--max_faces must be at least 1, got {max_faces}")
+    detector = detection.Detector(detector_weights, min_face=min_face)  # weights missing: stop here
+    model = load_model(checkpoint)
+    if model.output_size != 128:
+        raise UserError(f"--mode=photo needs a stage-3 model (128x128 outputs); {checkpoint} "
+                        f"makes {model.output_size}x{model.output_size}")
+    make_writable_dir(out_root, f"--output={out_root}")
+    return restore_files(model, detector, out_root, plan, upscale=upscale, max_faces=max_faces,
+                         only_center_face=only_center_face, batch_size=batch_size,
+                         workers=workers, progress=progress, log=log)
 
 
 def plan_tfds(split: str, output: str, limit: int | None, data_dir: str | None, log=print):
@@ -207,19 +206,6 @@ def plan_tfds(split: str, output: str, limit: int | None, data_dir: str | None, 
     plan = [(name, os.path.join(dst, name.replace("/", "_") + ".png")) for name in ds.files]
     loader = crops.DatasetLoader(ds)
     return plan, lambda name: loader(name)[16]
-
-
-def report(written: list[str], skipped: list[tuple[str, str]], summary: str, log) -> None:
-    """Logs the skipped files and the summary line; a UserError when nothing was written."""
-    for path, reason in skipped:
-        log(f"skipped {path}: {reason}")
-    if skipped:
-        summary += f"; skipped {len(skipped)}: " + ", ".join(
-            os.path.basename(p) for p, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-    if not written:
-        raise UserError(f"nothing could be processed: {summary}"
-                        + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    log(summary)
 
 
 def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downsample",
@@ -253,14 +239,15 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
     else:
         plan, loader = plan_outputs(input_path, output), _InputLoader(mode, crop)
     folder = os.path.dirname(plan[0][1])
-    crops.make_writable_dir(folder, folder)
-    model = ModelMethod(checkpoint, batch_size, clip=True)
+    make_writable_dir(folder, folder)
+    model = load_model(checkpoint)
     targets = dict(plan)
     written: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for batch in crops.loaded_batches([p for p, _ in plan], loader, batch_size,
-                                      skipped, workers, desc="infer", progress=progress):
-        sr = data.to_uint8(model.generate(np.stack([x for _, x in batch])))
+    for batch in loaded_batches([p for p, _ in plan], loader, batch_size,
+                                skipped, workers, desc="infer", progress=progress):
+        sr = batching.super_resolve(model, np.stack([x for _, x in batch]), batch_size,
+                                    min_batch=batch_size)
         for (path, _), img in zip(batch, sr):
             out = targets[path]
             try:
@@ -274,132 +261,6 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
     dest = os.path.dirname(plan[0][1]) if len(plan) == 1 else os.path.abspath(output)
     log(f"output: {written[0] if len(plan) == 1 else dest}")
     return {"written": written, "skipped": skipped, "output_size": model.output_size}
-
-
-# ---------------------------------------------------------------- photo mode
-#: EXIF orientation -> the PIL transpose that shows the photo upright (ImageOps.exif_transpose's).
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
-
-
-def open_photo(path: str) -> Image.Image:
-    """A photo as RGB (:func:`progsr_jax.data.open_image`, any size), turned upright by its EXIF
-    orientation."""
-    img = data.open_image(path, min_size=1)
-    try:
-        with Image.open(path) as im:
-            orientation = int(im.getexif().get(0x0112, 1))
-    except Exception:  # noqa: BLE001 - unreadable EXIF: use the pixels as stored
-        orientation = 1
-    return img.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else img
-
-
-def plan_photo_outputs(input_path: str, output: str) -> tuple[str, list[tuple[str, str, str]]]:
-    """``(output folder, [(input file, faces.json key, restored PNG path)])``."""
-    src, dst = _resolve(input_path, output, "DIR")
-    if os.path.exists(dst) and not os.path.isdir(dst):
-        raise UserError(f"--mode=photo writes a folder, but --output={dst} is a file")
-    if os.path.isfile(src):
-        stem = os.path.splitext(os.path.basename(src))[0]
-        return dst, [(src, os.path.basename(src), os.path.join(dst, stem + ".png"))]
-    return dst, [(f, os.path.relpath(f, src).replace(os.sep, "/"), target)
-                 for f, target in plan_outputs(input_path, output)]
-
-
-def _face_files(target: str, k: int) -> dict[str, str]:
-    base = target.removesuffix(".png")
-    return {kind: f"{base}_face{k}_{kind}.png" for kind in ("aligned", "lr", "sr")}
-
-
-def faces_json_text(records: dict[str, list[dict]]) -> str:
-    """``faces.json``: one photo per key, one face per line."""
-    if not records:
-        return "{}\n"
-    parts = []
-    for key, faces in records.items():
-        body = ",\n".join("  " + json.dumps(face) for face in faces)
-        parts.append(f" {json.dumps(key)}: [\n{body}\n ]" if faces else f" {json.dumps(key)}: []")
-    return "{\n" + ",\n".join(parts) + "\n}\n"
-
-
-def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="auto",
-              min_face: float = 20.0, max_faces: int | None = None,
-              only_center_face: bool = False, detector_weights: str | None = None,
-              batch_size: int = 16, workers: int = 2, progress: bool = True, log=print) -> dict:
-    """``--mode=photo``: :func:`progsr_jax.photo.restore_photo` on every photo, files written.
-
-    Returns ``{'written': [restored PNGs], 'skipped': [(path, reason)], 'faces': the faces.json
-    dict, 'no_face': [paths], 'upscale': {key: factor}, 'output': folder, 'faces_json': path}``.
-    """
-    from progsr_jax.photo import detection, pipeline
-
-    upscale = pipeline.parse_upscale(upscale)
-    out_root, plan = plan_photo_outputs(input_path, output)
-    if max_faces is not None and max_faces < 1:
-        raise UserError(f"--max_faces must be at least 1, got {max_faces}")
-    detector = detection.Detector(detector_weights, min_face=min_face)  # weights missing: stop here
-    model = ModelMethod(checkpoint, batch_size, clip=True)
-    if model.output_size != 128:
-        raise UserError(f"--mode=photo needs a step-3 model (128x128 outputs); {checkpoint} "
-                        f"makes {model.output_size}x{model.output_size}")
-    crops.make_writable_dir(out_root, f"--output={out_root}")
-    keys = {path: (key, target) for path, key, target in plan}
-    written: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    records: dict[str, list[dict]] = {}
-    no_face: list[str] = []
-    scales: dict[str, float] = {}
-    n_faces = 0
-    for batch in crops.loaded_batches([p for p, _, _ in plan], open_photo, 1, skipped, workers,
-                                      desc="photo", progress=progress):
-        (path, img), = batch
-        key, target = keys[path]
-        try:
-            r = pipeline.restore_photo(model.sr, img, upscale=upscale, detector=detector,
-                                      max_faces=max_faces, only_center_face=only_center_face,
-                                      batch_size=batch_size)
-        except UserError as e:
-            skipped.append((path, str(e)))
-            continue
-        entries = []
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            r.image.save(target, format="PNG")
-            for k, face in enumerate(r.faces):
-                files = _face_files(target, k)
-                for kind, f in files.items():
-                    Image.fromarray(getattr(face, kind)).save(f, format="PNG")
-                entries.append(face.to_json(**{kind: os.path.relpath(f, out_root).replace(os.sep, "/")
-                                               for kind, f in files.items()}))
-        except OSError as e:
-            skipped.append((path, f"cannot write {target}: {e.strerror or e}"))
-            continue
-        written.append(target)
-        records[key] = entries
-        scales[key] = r.upscale
-        n_faces += len(entries)
-        if not entries:
-            no_face.append(path)
-    faces_json = os.path.join(out_root, "faces.json")
-    if written:
-        try:
-            tmp = faces_json + f".tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(faces_json_text(records))
-            os.replace(tmp, faces_json)
-        except OSError as e:
-            raise UserError(f"cannot write {faces_json}: {e.strerror or e}") from None
-    for path in no_face:
-        u = scales[keys[path][0]]
-        log(f"no face found in {path}; written " + ("unchanged" if u == 1 else
-                                                     f"upscaled {u:g}x (bicubic)"))
-    report(written, skipped, f"wrote {len(written)} of {len(plan)} photo(s) with {n_faces} "
-           "face(s) restored" + (f" ({len(no_face)} without a face)" if no_face else ""), log)
-    log(f"output: {out_root} (faces.json lists the faces)")
-    return {"written": written, "skipped": skipped, "faces": records, "no_face": no_face,
-            "upscale": scales, "output": out_root, "faces_json": faces_json}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

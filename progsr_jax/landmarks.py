@@ -1,11 +1,8 @@
-"""Facial landmarks: the converted distilled FAN, heatmap decoding, NME, ``.pts`` files.
+"""Facial landmark points: heatmap decoding, NME, ``.pts`` files.
 
-A FAN folder holds ``fan_meta.json`` (``{"kind": "student_fan", "width": 1.0,
-...}``) and ``variables/``, an Orbax checkpoint of ``{"params",
-"batch_stats"}``.  Two commands write one, both through :func:`save`:
-``tools/convert_fan_weights.py distilled`` (the authors' released student)
-and ``python -m progsr_jax.distill`` (a student distilled here, in its
-workdir); :func:`load` and ``--config.fan.checkpoint`` read either.
+Point geometry only; the landmark network and its folder format (``load``,
+``save``, ``load_variables``, ``LandmarkNet``) are in :mod:`progsr_jax.fan`
+(the old names ``landmarks.load`` etc. still resolve to them).
 
 Coordinate convention of :func:`heatmaps_to_landmarks`
 -------------------------------------------------------
@@ -24,130 +21,26 @@ numbers; the default ``"index"`` is 0.5 smaller.
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
-from typing import Any
 
 import numpy as np
 
 from progsr_jax.errors import UserError
 
-META_FILE = "fan_meta.json"
-VARIABLES_DIR = "variables"
 NUM_LANDMARKS = 68
-KIND = "student_fan"  # fan_meta.json's "kind" of a FAN folder
+#: The FAN folder format moved to :mod:`progsr_jax.fan`; these names still resolve here.
+_MOVED_TO_FAN = ("META_FILE", "VARIABLES_DIR", "KIND", "save", "load_variables", "LandmarkNet",
+                 "load")
 
 
-# ---------------------------------------------------------------------------
-# Loading the converted network
-
-
-def _read_meta(directory: str) -> dict:
-    meta_path = os.path.join(directory, META_FILE)
-    if os.path.isfile(directory):
-        raise UserError(f"{directory} is a file, not a converted FAN folder; convert it first: "
-                        "python tools/convert_fan_weights.py distilled --input FILE --output DIR")
-    if not os.path.isdir(directory):
-        raise UserError(f"no converted FAN at {directory}: the folder does not exist "
-                        "(create it with: python tools/convert_fan_weights.py distilled "
-                        "--input compressed_model_011000.pth --output DIR)")
-    if not os.path.isfile(meta_path) or not os.path.isdir(os.path.join(directory, VARIABLES_DIR)):
-        raise UserError(f"{directory} holds no converted FAN (no {META_FILE} and {VARIABLES_DIR}/); "
-                        "create it with: python tools/convert_fan_weights.py distilled "
-                        "--input compressed_model_011000.pth --output DIR")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{meta_path} is unreadable: {e}") from None
-    if not isinstance(meta, dict) or meta.get("kind") != KIND:
-        raise UserError(f"{meta_path} does not describe a converted student FAN "
-                        f"(kind={meta.get('kind') if isinstance(meta, dict) else None!r})")
-    return meta
-
-
-def save(directory: str | os.PathLike, variables: dict, meta: dict) -> dict:
-    """Writes a FAN folder: ``variables/`` (Orbax) and ``fan_meta.json`` (``meta`` + kind, I/O).
-
-    ``meta`` should say at least the ``width``; the meta file is written last
-    and atomically, so a folder with a readable ``fan_meta.json`` is complete.
-    """
-    import jax
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
-    variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
-        ckptr.wait_until_finished()
-    meta = {"kind": KIND, "input": "NHWC RGB in [0, 1], any size",
-            "output": f"(N, H, W, {NUM_LANDMARKS}) heatmaps", **meta}
-    path = os.path.join(directory, META_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
-    return meta
-
-
-def load_variables(directory: str | os.PathLike, dtype: Any = None):
-    """``(StudentFAN module, variables)`` from a converted FAN folder.
-
-    ``variables`` is ``{"params": ..., "batch_stats": ...}`` of float32 jax
-    arrays, for use inside losses: ``module.apply(variables, x)``.
-    """
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-
-    from progsr_jax.fan import StudentFAN, abstract_variables
-
-    directory = os.path.abspath(os.fspath(directory))
-    meta = _read_meta(directory)
-    width = float(meta.get("width", 1.0))
-    module = StudentFAN(width=width, dtype=dtype or jnp.float32)
-    abstract = abstract_variables(module)
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.join(directory, VARIABLES_DIR), abstract)
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; report one line
-        raise UserError(f"cannot restore the FAN variables in {directory}/{VARIABLES_DIR} "
-                        f"(width {width}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        ) from None
-    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), restored)
-    return module, variables
-
-
-class LandmarkNet:
-    """``fan(x)``: NHWC float RGB in [0, 1] (any size) -> (N, H, W, 68) heatmaps (jit-compiled)."""
-
-    def __init__(self, module, variables, meta: dict | None = None):
-        import jax
-
-        self.module = module
-        self.variables = variables
-        self.meta = dict(meta or {})
-        self._apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
-
-    def __call__(self, x):
-        import jax.numpy as jnp
-
-        x = jnp.asarray(x, jnp.float32)
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise UserError(f"the FAN expects NHWC RGB images, got shape {tuple(x.shape)}")
-        return self._apply(self.variables, x)
-
-    def landmarks(self, x, convention: str = "index") -> np.ndarray:
-        """(N, 68, 2) landmark coordinates (see :func:`heatmaps_to_landmarks`)."""
-        return heatmaps_to_landmarks(np.asarray(self(x)), convention=convention)
-
-
-def load(directory: str | os.PathLike, dtype: Any = None) -> LandmarkNet:
-    """Loads a converted distilled FAN folder as a jit-compiled callable."""
-    directory = os.path.abspath(os.fspath(directory))
-    meta = _read_meta(directory)
-    module, variables = load_variables(directory, dtype=dtype)
-    return LandmarkNet(module, variables, meta)
+def __getattr__(name: str):
+    """``landmarks.load`` / ``save`` / ``load_variables`` / ``LandmarkNet`` (deprecated names):
+    the FAN folder format of :mod:`progsr_jax.fan`, resolved on first use (``fan`` imports
+    this module, so it is not imported here)."""
+    if name in _MOVED_TO_FAN:
+        return getattr(importlib.import_module("progsr_jax.fan"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------

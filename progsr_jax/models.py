@@ -6,9 +6,11 @@ trees map one-to-one onto the official PyTorch state dicts (see
 ``params['step1_3']['conv_0']['conv']['weight_orig']``.
 
 ``width`` scales every hidden channel count (1.0 = the paper: G 8,969,097 and
-D 8,065,537 parameters).  ``step`` (1, 2, 3) selects the output resolution
-(32, 64, 128) and is static; ``alpha`` is a traced scalar: for 0 <= alpha < 1
-at steps 2 and 3 the new block is faded in, otherwise it is used alone.
+D 8,065,537 parameters).  ``stage`` (1, 2, 3; ``step=`` is its earlier name
+and still works) selects the output resolution (32, 64, 128,
+:func:`output_size`) and is static; ``alpha`` is a traced scalar: for
+0 <= alpha < 1 at stages 2 and 3 the new block is faded in, otherwise it is
+used alone.  (An *iteration* is one optimiser update: ``TrainState.step``.)
 """
 
 from __future__ import annotations
@@ -24,6 +26,24 @@ from progsr_jax.layers import (BatchNorm2d, Conv2d, ConvTranspose2d, EqualConv2d
                                avg_pool2, safe_sqrt, upsample_nearest2)
 
 Dtype = Any
+
+#: The generator's input side (16x16 faces) and its stages (resolution steps).
+INPUT_SIZE = 16
+STAGES = (1, 2, 3)
+
+
+def output_size(stage: int) -> int:
+    """The generator's output side at ``stage`` (1, 2, 3 -> 32, 64, 128; 0 -> the 16x16 input)."""
+    return INPUT_SIZE * 2 ** int(stage)
+
+
+def stage_of_size(size: int) -> int:
+    """The stage whose output is ``size`` x ``size`` (inverse of :func:`output_size`)."""
+    for stage in (0,) + STAGES:
+        if output_size(stage) == int(size):
+            return stage
+    raise ValueError(f"no stage makes {size}x{size} outputs (expected 16, 32, 64 or 128)")
+
 
 # Names of the transposed convolutions (their PyTorch weights are (in, out, kh, kw)).
 G_CONV_TRANSPOSE = ("step1_4", "step2_1", "step3_1")
@@ -108,7 +128,9 @@ class Generator(nn.Module):
         x = self.step3_0(x, train)
         return nn.relu(self.step3_2(self.step3_1(x), train))
 
-    def __call__(self, x, step: int = 3, alpha=1.0, train: bool = False):
+    def __call__(self, x, stage: int = 3, alpha=1.0, train: bool = False, *,
+                 step: int | None = None):
+        step = stage if step is None else step  # ``step=``: the earlier name of ``stage``
         if step not in (1, 2, 3):
             raise ValueError(f"step must be 1, 2 or 3, got {step}")
         blocks = (self.block1, self.block2, self.block3)
@@ -144,7 +166,8 @@ class Discriminator(nn.Module):
         self.linear = Linear(c(2048), dtype=dt)
         self.linear2 = Linear(1, dtype=dt)
 
-    def __call__(self, x, step: int = 3, alpha=1.0):
+    def __call__(self, x, stage: int = 3, alpha=1.0, *, step: int | None = None):
+        step = stage if step is None else step  # ``step=``: the earlier name of ``stage``
         if step not in (1, 2, 3):
             raise ValueError(f"step must be 1, 2 or 3, got {step}")
         if self.is_initializing():  # from_rgb_0 is not on the step-3 path; create it too

@@ -74,7 +74,7 @@ def tiny_checkpoint(tmp_path_factory):
     import jax
 
     from progsr_jax import models
-    from progsr_jax.training import checkpoint
+    from progsr_jax import checkpoints as checkpoint
 
     _, variables = models.init_generator(0, width=0.0625)
     path = tmp_path_factory.mktemp("tiny_generator") / "ckpt"

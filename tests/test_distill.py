@@ -23,7 +23,7 @@ import pytest
 from progsr_jax import data, landmarks
 from progsr_jax.data import teacher
 from progsr_jax.errors import UserError
-from progsr_jax.evaluation import teacher_nme
+from progsr_jax.training import distill_validation as teacher_nme
 from progsr_jax.training import config as config_files
 from progsr_jax.training import distill, distill_config, distill_data, distill_step
 

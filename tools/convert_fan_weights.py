@@ -10,7 +10,7 @@ Commands
     ``fan_meta.json``.  The file is read with :mod:`progsr_jax.interop.torch_pickle`
     (no torch, no arbitrary code): a file that references anything but
     tensors and known layer records is refused.  Load the result with
-    ``progsr_jax.landmarks.load(DIR)``.
+    ``progsr_jax.fan.load(DIR)``.
 
 ``teacher-heatmaps --teacher=fan4|distilled --weights=FILE --data_root=ROOT --split=... --output=DIR``
     Runs a PyTorch teacher over the 64x64 step-2 targets of a split and
@@ -77,7 +77,7 @@ def read_state_dict(path: str) -> dict:
 def convert_distilled(input_path: str, output_dir: str, width: float = 1.0) -> dict:
     sd = read_state_dict(input_path)  # before importing jax: refuse bad files fast
 
-    from progsr_jax import landmarks
+    from progsr_jax import fan as fan_lib
     from progsr_jax.fan import StudentFAN, abstract_variables
     from progsr_jax.interop.state_dict import state_dict_to_variables
     from progsr_jax.layers import count_params
@@ -85,7 +85,7 @@ def convert_distilled(input_path: str, output_dir: str, width: float = 1.0) -> d
     module = StudentFAN(width=width)
     reference = abstract_variables(module)  # shapes only (random init is slow on CPU)
     variables = state_dict_to_variables(sd, reference, what=input_path)
-    return landmarks.save(output_dir, variables, {
+    return fan_lib.save(output_dir, variables, {
         "width": float(width), "source": sha256_file(input_path),
         "source_file": os.path.basename(input_path),
         "num_params": count_params(variables["params"])})

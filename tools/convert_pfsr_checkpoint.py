@@ -64,7 +64,7 @@ def convert(generator: str, discriminator: str | None, output: str) -> dict:
     import jax
 
     from progsr_jax import models
-    from progsr_jax.training import checkpoint
+    from progsr_jax import checkpoints as checkpoint
     from progsr_jax.interop.state_dict import state_dict_to_variables
 
     g_sd, info = read_official(generator)

@@ -15,7 +15,8 @@ The path of an image through the pipeline:
    function of ``(seed, step)``) and prefetches them to the devices.
 
 :mod:`~progsr_jax.data.teacher` reads the teacher heatmaps used to distil the
-landmark network.  The names below are the public API of the package.
+landmark network; :mod:`~progsr_jax.data.loading` decodes a list of files in
+threads for the commands (evaluate, infer) and checks their output folders.  The names below are the public API of the package.
 """
 
 from progsr_jax.data.batches import (Prefetcher, batch_indices, batch_loader, gather, get_batch,
@@ -23,12 +24,12 @@ from progsr_jax.data.batches import (Prefetcher, batch_indices, batch_loader, ga
 from progsr_jax.data.cache import PREPROCESS_VERSION, Dataset
 from progsr_jax.data.files import IMAGE_EXTENSIONS, list_files
 from progsr_jax.data.images import (CELEBA_CROP, CROPS, RESOLUTIONS, BadImage, center_crop,
-                                    open_image, preprocess, to_float, to_uint8)
+                                    open_image, preprocess, to_float, to_uint8, upscale)
 from progsr_jax.data.pipeline import SOURCES, build_dataset
 
 __all__ = [
     "BadImage", "CELEBA_CROP", "CROPS", "Dataset", "IMAGE_EXTENSIONS", "PREPROCESS_VERSION",
     "Prefetcher", "RESOLUTIONS", "SOURCES", "batch_indices", "batch_loader", "build_dataset",
     "center_crop", "gather", "get_batch", "list_files", "measure_throughput", "open_image", "preprocess",
-    "to_float", "to_uint8",
+    "to_float", "to_uint8", "upscale",
 ]

@@ -253,3 +253,18 @@ def preprocess(img: Image.Image, crop: str = "celeba") -> dict[int, np.ndarray]:
         current = current.resize((r, r), Image.BILINEAR)
         out[r] = np.asarray(current, dtype=np.uint8)
     return {r: out[r] for r in RESOLUTIONS}
+
+
+#: The baselines :func:`upscale` knows (PIL filters).
+UPSCALE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def upscale(lr_u8: np.ndarray, size: int, method: str = "bicubic") -> np.ndarray:
+    """The baseline: (B, h, w, 3) uint8 -> (B, size, size, 3) uint8 with PIL's ``method`` filter.
+
+    ``"bicubic"`` is the bicubic baseline every score and image of the
+    project compares against (evaluation, validation during training, grids).
+    """
+    resample = UPSCALE_FILTERS[method]
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), resample), np.uint8)
+                     for x in np.asarray(lr_u8, np.uint8)])

@@ -3,11 +3,14 @@
 * :mod:`~progsr_jax.evaluation.metrics`: PSNR, SSIM, MS-SSIM, LPIPS, Y-channel
   metrics and the authors' released batch-wise ("pfsr") protocol.
 * :mod:`~progsr_jax.evaluation.crops`: what the commands share: landmark
-  crops and ``.pts`` points, the threaded file loader, output folders.
+  crops and ``.pts`` points, the file loaders (decoded in threads by
+  :mod:`progsr_jax.data.loading`).
 * :mod:`~progsr_jax.evaluation.sr`: super-resolution evaluation (model or
   bicubic/bilinear baseline), ``python -m progsr_jax.evaluate``.
 * :mod:`~progsr_jax.evaluation.landmarks`: landmark NME of a converted FAN,
   ``python -m progsr_jax.evaluate_landmarks``.
-* :mod:`~progsr_jax.evaluation.teacher_nme`: the distillation trainer's
-  validation NME of a student against its teacher, and landmark overlays.
+
+Nothing here imports :mod:`progsr_jax.training`; the trainers' validators
+(``training/sr_validation.py``, ``training/distill_validation.py``) build on
+:mod:`~progsr_jax.evaluation.metrics` and :mod:`progsr_jax.inference`.
 """

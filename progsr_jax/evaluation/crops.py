@@ -1,9 +1,10 @@
-"""What the evaluation commands share: face crops, the threaded file loader, output folders.
+"""What the evaluation commands share: face crops and the loaders built on them.
 
-``evaluate``, ``evaluate_landmarks`` and ``infer`` all read a list of image
-files, decode them in threads (:func:`iter_loaded`, batched by
-:func:`loaded_batches`), skip the unreadable ones with a reason, and write
-into a folder checked up front (:func:`check_output`).
+``evaluate`` and ``evaluate_landmarks`` read a list of image files through
+:class:`Loader` (or :class:`DatasetLoader` for a built dataset), decoded in
+threads by :mod:`progsr_jax.data.loading` (re-exported here:
+:func:`iter_loaded`, :func:`loaded_batches`, :func:`check_output`,
+:func:`make_writable_dir`).
 
 Landmark crops (the unaligned-face setting): a square of side
 ``crop_scale`` x the larger side of the 68 landmarks' bounding box, centred
@@ -14,18 +15,15 @@ outside the photo (:func:`crop_square`); the points come from the 300-W
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import itertools
 import math
 import os
-import sys
-from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from progsr_jax import data
+from progsr_jax.data.loading import (  # noqa: F401 - re-exported for the commands
+    check_output, iter_loaded, loaded_batches, make_writable_dir)
 from progsr_jax.errors import UserError
 
 #: Landmark crops imitate the framing of the paper's CelebA crops (178x178 of
@@ -139,87 +137,6 @@ class DatasetLoader:
     def __call__(self, name: str) -> dict[int, np.ndarray]:
         i = self.index[name]
         return {r: np.asarray(self.ds.images[r][i]) for r in data.RESOLUTIONS}
-
-
-# ---------------------------------------------------------------- loading
-def iter_loaded(files: Sequence[str], load: Callable[[str], Any], workers: int = 2,
-                window: int = 64) -> Iterator[tuple[str, Any, str | None]]:
-    """Yields ``(path, value, None)`` or ``(path, None, reason)`` in file order.
-
-    Decoding runs in ``workers`` threads, at most ``window`` files ahead.
-    ``data.BadImage`` (and ValueError/OSError from the landmark files) become
-    a skip reason; anything else propagates.
-    """
-    def guarded(path):
-        try:
-            return load(path), None
-        except (data.BadImage, ValueError, OSError) as e:
-            return None, str(e) or type(e).__name__
-
-    if workers <= 1:
-        for p in files:
-            yield (p,) + guarded(p)
-        return
-    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-        it = iter(files)
-        pending = collections.deque((p, ex.submit(guarded, p))
-                                    for p in itertools.islice(it, window))
-        while pending:
-            p, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, ex.submit(guarded, nxt)))
-            yield (p,) + fut.result()
-
-
-def loaded_batches(files: Sequence[str], load: Callable[[str], Any], batch_size: int,
-                   skipped: list[tuple[str, str]], workers: int = 2, desc: str = "",
-                   progress: bool = True) -> Iterator[list[tuple[str, Any]]]:
-    """Yields lists of up to ``batch_size`` ``(path, value)`` in file order, with a progress bar.
-
-    Files :func:`iter_loaded` cannot use are appended to ``skipped`` as
-    ``(path, reason)``; only the last batch is smaller.
-    """
-    from tqdm import tqdm
-
-    batch: list[tuple[str, Any]] = []
-    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress,
-              file=sys.stderr) as bar:
-        for path, value, reason in iter_loaded(files, load, workers):
-            bar.update(1)
-            if reason is not None:
-                skipped.append((path, reason))
-                continue
-            batch.append((path, value))
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-
-# ---------------------------------------------------------------- outputs
-def make_writable_dir(path: str, name: str) -> None:
-    """Creates ``path`` and writes a probe file; UserError ``cannot write to {name}``."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to {name}: {e.strerror or e}") from None
-
-
-def check_output(path: str | None) -> str:
-    """The absolute ``--output`` folder, created and writable; UserError otherwise."""
-    if not path:
-        raise UserError("--output=DIR is required")
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--output exists and is not a folder: {path}")
-    make_writable_dir(path, f"--output={path}")
-    return path
 
 
 def rel_path(path: str, root: str) -> str:

@@ -85,6 +85,7 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
                        limit: int | None = None, output: str | None = None, workers: int = 2,
                        progress: bool = True, log=print) -> dict:
     """NME of ``fan_dir`` on the images under ``data_root``; returns (and writes) the report."""
+    from progsr_jax import fan as fan_lib
     from progsr_jax import landmarks
 
     if not fan_dir:
@@ -102,8 +103,8 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
     files = data.list_files("folder", root, "all")
     if limit:
         files = files[:limit]
-    fan = landmarks.load(fan_dir)
-    ref = landmarks.load(reference_fan) if reference_fan else None
+    fan = fan_lib.load(fan_dir)
+    ref = fan_lib.load(reference_fan) if reference_fan else None
     loader = _Loader(crop, crop_scale, crop_shift, size, need_gt=ref is None)
 
     rows: list[dict] = []

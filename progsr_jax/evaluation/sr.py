@@ -2,7 +2,7 @@
 
 The engine behind ``python -m progsr_jax.evaluate`` (whose docstring tells the
 data, the methods, the two protocols and the files written).  One pass over
-the files in order: decode in threads (:func:`~progsr_jax.evaluation.crops.loaded_batches`),
+the files in order: decode in threads (:func:`~progsr_jax.data.loading.loaded_batches`),
 super-resolve a batch with a :class:`Method`, score it with one jit-compiled
 :class:`BatchScorer` (per-image metrics, LPIPS, and the pfsr batch scores),
 then write ``metrics.json``, ``per_image.csv`` and ``comparison.png``.
@@ -21,9 +21,9 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from progsr_jax import data
+from progsr_jax import data, grid
 from progsr_jax.errors import UserError
 from progsr_jax.evaluation import crops
 from progsr_jax.evaluation.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
@@ -59,9 +59,10 @@ class EvalConfig:
 
 # ---------------------------------------------------------------- methods
 def pil_upscale(lr_u8: np.ndarray, size: int, resample: int) -> np.ndarray:
-    """(B, h, w, 3) uint8 -> (B, size, size, 3) uint8 with a PIL filter."""
-    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), resample), np.uint8)
-                     for x in lr_u8])
+    """(B, h, w, 3) uint8 -> (B, size, size, 3) uint8 with a PIL filter
+    (:func:`progsr_jax.data.upscale`, by PIL constant)."""
+    names = {Image.BICUBIC: "bicubic", Image.BILINEAR: "bilinear", Image.NEAREST: "nearest"}
+    return data.upscale(lr_u8, size, names[resample])
 
 
 class Method:
@@ -82,19 +83,21 @@ class Method:
 
 class PilMethod(Method):
     def __init__(self, name: str, output_size: int = 128):
+        from progsr_jax import models
+
         self.name, self.output_size = name, output_size
-        self.stage = int(round(math.log2(output_size // 16)))
-        self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[name]
+        self.stage = models.stage_of_size(output_size)
 
     def images(self, lr_u8):
-        return pil_upscale(lr_u8, self.output_size, self.resample)
+        return data.upscale(lr_u8, self.output_size, self.name)
 
     def __call__(self, lr_u8):
         return self.images(lr_u8).astype(np.float32) / 255.0
 
 
 class ModelMethod(Method):
-    """A loaded generator; batches are padded to ``batch_size`` (one compiled shape)."""
+    """A loaded generator, run by :func:`progsr_jax.inference.super_resolve` with every
+    call padded to ``batch_size`` (one compiled shape)."""
 
     def __init__(self, checkpoint: str | None, batch_size: int, clip: bool = True):
         if not checkpoint:
@@ -103,30 +106,22 @@ class ModelMethod(Method):
                             "use --method=bicubic or --method=bilinear for the baselines")
         if not os.path.exists(checkpoint):
             raise UserError(f"checkpoint not found: {checkpoint}")
-        from progsr_jax import inference
+        from progsr_jax import inference, models
 
         self.sr = inference.load(checkpoint)
         self.name = "model"
         self.checkpoint = checkpoint
         self.batch_size = batch_size
         self.clip = clip
-        self.stage = int(getattr(self.sr, "step", 3))
-        self.output_size = int(getattr(self.sr, "output_size", 16 * 2 ** self.stage))
+        self.output_size = int(self.sr.output_size)
+        self.stage = models.stage_of_size(self.output_size)
 
     def generate(self, lr_u8: np.ndarray) -> np.ndarray:
         """The generator's raw outputs (about [-1, 1], not clipped), float32."""
-        x = data.to_float(lr_u8)
-        k = x.shape[0]
-        out = []
-        for i in range(0, k, self.batch_size):
-            xb = x[i:i + self.batch_size]
-            n = xb.shape[0]
-            if n < self.batch_size:
-                xb = np.concatenate([xb, np.zeros((self.batch_size - n,) + xb.shape[1:],
-                                                  np.float32)])
-            y = np.asarray(self.sr(xb), np.float32)[:n]
-            out.append(y)
-        return np.concatenate(out)
+        from progsr_jax import inference
+
+        return inference.super_resolve(self.sr, data.to_float(lr_u8), self.batch_size,
+                                       min_batch=self.batch_size)
 
     def images(self, lr_u8):
         return data.to_uint8(self.generate(lr_u8))
@@ -192,34 +187,17 @@ def _json_float(v):
     return v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
 
 
-def _tile(img_u8: np.ndarray, size: int) -> Image.Image:
-    im = Image.fromarray(img_u8)
-    return im if im.size == (size, size) else im.resize((size, size), Image.NEAREST)
-
-
 def comparison_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
                     sr_label: str = "SR") -> Image.Image:
     """Grid image: one row per ``(label, lr, bicubic, sr, hr)`` (uint8 HWC arrays).
 
-    Every tile is shown at ``max(128, hr size)`` px (nearest-neighbour
-    enlargement), with a header line of column names and a row label.
+    :func:`progsr_jax.grid.sr_grid` with labels (the bicubic tile is recomputed
+    from ``lr``): every tile at ``max(128, hr size)`` px, a header line of
+    column names and a row label.
     """
-    size = max(128, max(r[4].shape[0] for r in rows))
-    label_w, head_h, gap = 120, 16, 2
-    cols = ("LR (nearest)", "bicubic", sr_label, "HR")
-    w = label_w + len(cols) * (size + gap)
-    h = head_h + len(rows) * (size + gap)
-    grid = Image.new("RGB", (w, h), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for j, name in enumerate(cols):
-        draw.text((label_w + j * (size + gap) + 2, 2), name, fill=(0, 0, 0))
-    for i, (label, *tiles) in enumerate(rows):
-        y = head_h + i * (size + gap)
-        for k, line in enumerate(label.split("\n")):
-            draw.text((2, y + 2 + 12 * k), line, fill=(0, 0, 0))
-        for j, t in enumerate(tiles):
-            grid.paste(_tile(t, size), (label_w + j * (size + gap), y))
-    return grid
+    labels, lr, _, sr, hr = zip(*rows)
+    return Image.fromarray(grid.sr_grid(np.stack(lr), np.stack(sr), np.stack(hr),
+                                        labels=labels, sr_label=sr_label))
 
 
 # ---------------------------------------------------------------- listing
@@ -287,7 +265,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
     if size not in (32, 64, 128):
         raise UserError(f"the model's output size is {size}; expected 32, 64 or 128")
     if size != 128:
-        notes.append(f"the model is at step {method.stage}: its {size}x{size} outputs are "
+        notes.append(f"the model is at stage {method.stage}: its {size}x{size} outputs are "
                      f"scored against the {size}x{size} targets, not 128x128")
         log(f"note: {notes[-1]}")
     if cfg.method == "model" and not cfg.clip:
@@ -388,15 +366,12 @@ def _write_comparison(out_dir, names, psnrs, loader, method, size, method_name, 
     picks = [("best", order[0]), ("median", order[len(order) // 2]), ("worst", order[-1])]
     arrays = [loader(names[i]) for _, i in picks]
     lr = np.stack([a[16] for a in arrays])
-    sr = method.images(lr)
-    bic = pil_upscale(lr, size, Image.BICUBIC)
-    rows = []
-    for (label, i), a, s, b in zip(picks, arrays, sr, bic):
-        name = os.path.basename(names[i])
-        rows.append((f"{label}\n{psnrs[i]:.2f} dB\n{name[:18]}", a[16], b, s, a[size]))
+    labels = [f"{label}\n{psnrs[i]:.2f} dB\n{os.path.basename(names[i])[:18]}"
+              for label, i in picks]
+    image = grid.sr_grid(lr, method.images(lr), np.stack([a[size] for a in arrays]),
+                         labels=labels, sr_label=f"SR ({method_name})")
     try:
-        comparison_grid(rows, sr_label=f"SR ({method_name})").save(
-            os.path.join(out_dir, "comparison.png"))
+        Image.fromarray(image).save(os.path.join(out_dir, "comparison.png"))
     except OSError as e:
         raise UserError(f"cannot write {out_dir}/comparison.png: {e.strerror or e}") from None
 

@@ -13,6 +13,8 @@
   ``photo.restore(sr, img) -> (restored, faces)`` (also
   ``SuperResolver.restore``); ``python -m progsr_jax.infer --mode=photo``
   runs it on files and folders.
+* :mod:`~progsr_jax.photo.files`: the file side of ``infer``: output
+  planning, photos opened upright (EXIF), the photo loop and ``faces.json``.
 
     from progsr_jax import inference, photo
     faces = photo.detect(img)                    # [Face(box, landmarks, score)]

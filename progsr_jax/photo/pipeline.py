@@ -54,6 +54,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from progsr_jax import batching
+from progsr_jax.batching import batch_rows  # noqa: F401 - the padding rule, re-exported
 from progsr_jax.errors import UserError
 from progsr_jax.photo import align, paste
 from progsr_jax.photo.detection import MIN_FACE, Detector, Face
@@ -62,7 +64,7 @@ AUTO_RANGE = (1.0, 8.0)
 #: ``upscale="auto"`` keeps the output at most this many pixels (a 4000x3000
 #: photo with a small face would otherwise become ~200 megapixels).
 AUTO_MAX_PIXELS = 40_000_000
-DEFAULT_BATCH = 16
+DEFAULT_BATCH = batching.DEFAULT_BATCH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,42 +165,18 @@ def choose_upscale(upscale, size: tuple[int, int], transforms: Sequence) -> floa
     return upscale
 
 
-def batch_rows(n: int, largest: int = DEFAULT_BATCH) -> int:
-    """Rows a call with ``n`` faces is padded to: the next power of two, at most ``largest``."""
-    rows = 1
-    while rows < n:
-        rows *= 2
-    return min(rows, largest)
-
-
 def super_resolve(sr, lr: np.ndarray, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
     """(N, 16, 16, 3) uint8 -> (N, 128, 128, 3) uint8 in calls padded to powers of two.
 
     Up to ``batch_size`` faces go in one call, padded with zeros to the next
-    power of two (capped at ``batch_size``); more take several calls.
+    power of two (capped at ``batch_size``); more take several calls
+    (:func:`progsr_jax.batching.super_resolve`).
     """
-    from progsr_jax import data
-
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     size = int(getattr(sr, "output_size", paste.SR_SIZE))
     if size != paste.SR_SIZE:
         raise UserError(f"the photo pipeline needs a model with {paste.SR_SIZE}x{paste.SR_SIZE} "
-                        f"outputs (step 3); this one makes {size}x{size}")
-    n = len(lr)
-    if n == 0:
-        return np.zeros((0, size, size, 3), np.uint8)
-    x = data.to_float(np.asarray(lr, np.uint8))
-    out = []
-    for start in range(0, n, batch_size):
-        part = x[start:start + batch_size]
-        k = len(part)
-        rows = batch_rows(k, batch_size)
-        if rows > k:
-            part = np.concatenate([part, np.zeros((rows - k,) + part.shape[1:], np.float32)])
-        y = np.asarray(sr(part), np.float32)[:k]
-        out.append(data.to_uint8(y))
-    return np.concatenate(out)
+                        f"outputs (stage 3); this one makes {size}x{size}")
+    return batching.super_resolve(sr, np.asarray(lr, np.uint8), batch_size)
 
 
 def restore_photo(sr, img, *, upscale="auto", detector: Detector | None = None,

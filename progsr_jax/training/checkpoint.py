@@ -1,19 +1,13 @@
-"""Orbax checkpoints for training, inference and converted official weights.
+"""Training runs' checkpoints: save, resume, the run-kind and config checks.
 
-The one checkpoint and resume path of both trainers.  A checkpoint directory
-(``<workdir>/checkpoints``) is managed by an Orbax ``CheckpointManager``;
-each saved step holds the items
-
-* ``state``: the whole training state (super-resolution:
-  :class:`progsr_jax.training.sr.TrainState` with G, D, both optimiser
-  states and the global step; distillation: the student and its optimiser);
-  data position and RNG follow from the step;
-* ``generator``: ``{'params', 'batch_stats'}`` of G, what inference loads;
-* ``discriminator``: ``{'params'}`` of D (converted official checkpoints);
-* ``meta``: JSON with ``stage``, ``alpha``, ``iteration``, ``width``, ``dtype``.
-
-Orbax writes each step to a temporary directory and renames it when
-complete, so a run killed during a save still has its previous checkpoint.
+The one checkpoint and resume path of both trainers, on top of the
+checkpoint format of :mod:`progsr_jax.checkpoints` (the folder layout, its
+items and ``meta``, reading generators and critics, converted checkpoints;
+re-exported here).  :func:`save` / :func:`save_state` write a run's whole
+state at an iteration, :func:`restore_latest` resumes it,
+:func:`init_from_pretrained` starts a run from another checkpoint's G (and
+D), and :func:`check_or_write_config` / :func:`check_run_kind` refuse to
+resume a workdir with another architecture or kind of run.
 """
 
 from __future__ import annotations
@@ -27,21 +21,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from progsr_jax.checkpoints import (  # noqa: F401 - the format, re-exported for callers
+    FORMAT, ITEMS, load_discriminator, load_generator, manager, resolve, save_converted)
 from progsr_jax.errors import UserError
 
-FORMAT = "progsr_jax/1"
-ITEMS = ("state", "generator", "discriminator", "meta")
 # Config fields that must not change when a run is resumed.
 ARCH_FIELDS = ("model.width", "model.d_width")
-
-
-def manager(workdir_or_dir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-    directory = os.path.abspath(workdir_or_dir)
-    if os.path.basename(directory) != "checkpoints":
-        directory = os.path.join(directory, "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
 def save_state(mgr: ocp.CheckpointManager, state, step: int, meta: dict, **trees) -> None:
@@ -80,17 +65,6 @@ def check_run_kind(mgr: ocp.CheckpointManager, meta: dict, what: str,
                             "images?). Use another --workdir or the same data")
 
 
-def save_converted(directory: str, generator: dict, discriminator: dict | None, meta: dict) -> None:
-    """Writes a converted official checkpoint (no training state) as step ``meta['iteration']``."""
-    mgr = manager(directory, keep=1)
-    items = dict(generator=ocp.args.StandardSave(generator), meta=ocp.args.JsonSave(meta))
-    if discriminator is not None:
-        items["discriminator"] = ocp.args.StandardSave(discriminator)
-    mgr.save(int(meta.get("iteration", 0)), args=ocp.args.Composite(**items), force=True)
-    mgr.wait_until_finished()
-    mgr.close()
-
-
 def _abstract(tree):
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -111,56 +85,6 @@ def restore_latest(mgr: ocp.CheckpointManager, template_state):
         raise UserError(f"{mgr.directory}/{step} holds no training state (a converted checkpoint?); "
                         "use --config.init_from=<it> in a fresh workdir instead")
     return serialization.from_state_dict(template_state, restored.state)
-
-
-def resolve(path: str) -> tuple[str, int]:
-    """(checkpoints directory, step) for a workdir, a checkpoints directory or one step's directory."""
-    if not path or not os.path.isdir(path):
-        raise UserError(f"checkpoint path {path!r} does not exist or is not a directory")
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "generator")) and os.path.basename(path).isdigit():
-        return os.path.dirname(path), int(os.path.basename(path))
-    directory = path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        directory = os.path.join(path, "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(directory)
-                   if n.isdigit() and os.path.isdir(os.path.join(directory, n, "generator")))
-    if not steps:
-        raise UserError(f"no checkpoint found in {path} (expected a training workdir, its "
-                        "checkpoints/ folder, or a converted checkpoint)")
-    return directory, steps[-1]
-
-
-def load_generator(path: str) -> tuple[dict, dict]:
-    """(variables {'params', 'batch_stats'} as numpy, meta) of the generator at ``path``."""
-    directory, step = resolve(path)
-    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                item_names=ITEMS)
-    try:
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        gen = mgr.restore(step, args=ocp.args.Composite(
-            generator=ocp.args.StandardRestore())).generator
-    except FileNotFoundError as e:
-        raise UserError(f"incomplete checkpoint at {directory}/{step}: {e}") from None
-    finally:
-        mgr.close()
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{directory}/{step} is not a progsr_jax checkpoint (format {meta!r})")
-    gen = jax.tree_util.tree_map(np.asarray, gen)
-    return gen, meta
-
-
-def load_discriminator(path: str) -> dict | None:
-    directory, step = resolve(path)
-    if not os.path.isdir(os.path.join(directory, str(step), "discriminator")):
-        return None
-    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                item_names=ITEMS)
-    try:
-        return jax.tree_util.tree_map(np.asarray, mgr.restore(step, args=ocp.args.Composite(
-            discriminator=ocp.args.StandardRestore())).discriminator)
-    finally:
-        mgr.close()
 
 
 def init_from_pretrained(state, path: str):

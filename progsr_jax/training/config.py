@@ -19,23 +19,26 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from progsr_jax import recipes
 from progsr_jax.errors import UserError
 
-#: ``configs/`` of a source checkout (the package's parent folder).
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs")
+#: ``configs/`` of a source checkout (the package's parent folder); an installed
+#: package has its copy in ``progsr_jax/configs`` (:mod:`progsr_jax.recipes`).
+CONFIG_DIR = recipes.CONFIG_DIRS[0]
 
 
 def load(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
     """``get_config(variant)`` of a config file.
 
-    ``path`` is a file name, or a bare name such as ``"step3.py"`` looked up in
-    :data:`CONFIG_DIR`.  A ``"file.py:variant"`` suffix is accepted too.
+    ``path`` is a file name, or a recipe name such as ``"step3.py"`` or
+    ``"configs/step3.py"`` that does not exist on disk, looked up in the
+    checkout's ``configs/`` and then in the installed package
+    (:func:`progsr_jax.recipes.resolve`).  A ``"file.py:variant"`` suffix is
+    accepted too.
     """
     if variant is None and ":" in os.path.basename(path):
         path, variant = path.rsplit(":", 1)
-    if not os.path.exists(path) and os.path.dirname(path) == "":
-        path = os.path.join(CONFIG_DIR, path)
+    path = recipes.resolve(path)
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     name = "progsr_config_" + os.path.splitext(os.path.basename(path))[0]

@@ -8,14 +8,14 @@ the teacher's (64, 64, 68) heatmaps (paper: Adam, lr 1e-4, batch 16, up to
 100k iterations), BatchNorm in training mode with running statistics.  Data:
 :mod:`~progsr_jax.training.distill_data`; step and optimiser:
 :mod:`~progsr_jax.training.distill_step`; validation NME:
-:mod:`progsr_jax.evaluation.teacher_nme`.  The loop, checkpoints, stop signal
+:mod:`progsr_jax.training.distill_validation`.  The loop, checkpoints, stop signal
 and reporting are the shared ones of :mod:`progsr_jax.training.core`.
 
 Workdir contents
 ----------------
 ``fan_meta.json`` + ``variables/``
-    the student as a FAN folder (:func:`progsr_jax.landmarks.save`), written
-    at every checkpoint and at the end: ``landmarks.load(DIR)`` and
+    the student as a FAN folder (:func:`progsr_jax.fan.save`), written
+    at every checkpoint and at the end: ``fan.load(DIR)`` and
     ``--config.fan.checkpoint=DIR`` in super-resolution training take the
     workdir itself.  With ``ema_decay > 0`` it holds the moving average of
     the weights (which validation measures too), not the last iterate.
@@ -50,9 +50,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from progsr_jax import data as data_lib
-from progsr_jax import landmarks
+from progsr_jax import fan as fan_lib
 from progsr_jax.errors import UserError
-from progsr_jax.evaluation.teacher_nme import Evaluator, save_overlay
+from progsr_jax.training.distill_validation import Evaluator, save_overlay
 from progsr_jax.fan import StudentFAN
 from progsr_jax.layers import count_params
 from progsr_jax.training import checkpoint as ckpt_lib
@@ -180,7 +180,7 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
 
     def save(done, state):
         ckpt_lib.save_state(manager, state, done, meta)
-        landmarks.save(workdir, variables(state), dict(student_meta, step=int(done),
+        fan_lib.save(workdir, variables(state), dict(student_meta, step=int(done),
                                                        final=done >= config.steps, **last_val))
 
     end = config.steps if stop_after is None else min(config.steps, stop_after)
@@ -201,7 +201,7 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
         reporter.info(f"already finished ({step0} iterations); the student is in {workdir}")
     elif end == config.steps:
         reporter.info(f"finished {config.steps} iterations ({time.time() - start_time:.0f} s in "
-                      f"this run); the student is in {workdir} (landmarks.load(DIR), "
+                      f"this run); the student is in {workdir} (fan.load(DIR), "
                       f"--config.fan.checkpoint=DIR)")
     return state
 
@@ -222,7 +222,7 @@ def evaluate_only(config, workdir: str | None, fan_dir: str | None) -> dict:
         print(message, file=sys.stderr)
 
     _, val_split = distill_data.load_splits(config, info=info, need_train=False)
-    fan = landmarks.load(fan_dir)
+    fan = fan_lib.load(fan_dir)
     evaluator = Evaluator(val_split, config.val.sizes, config.val.max_images,
                           config.val.max_images_128, config.val.batch_size)
     metrics, pts64 = evaluator(lambda v, x: fan(x), None)

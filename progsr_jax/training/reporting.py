@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from progsr_jax import grid
+
 
 class Reporter:
     def __init__(self, workdir: str):
@@ -87,12 +89,5 @@ def save_png(path: str, image_u8: np.ndarray) -> None:
 
 
 def save_grid(path: str, lr_u8: np.ndarray, sr_u8: np.ndarray, hr_u8: np.ndarray) -> None:
-    """One row per image: LR (nearest-upsampled) | bicubic | SR | HR."""
-    res = hr_u8.shape[1]
-    rows = []
-    for lr, sr, hr in zip(lr_u8, sr_u8, hr_u8):
-        lr_img = Image.fromarray(lr)
-        near = np.asarray(lr_img.resize((res, res), Image.NEAREST))
-        bic = np.asarray(lr_img.resize((res, res), Image.BICUBIC))
-        rows.append(np.concatenate([near, bic, sr, hr], axis=1))
-    save_png(path, np.concatenate(rows, axis=0))
+    """One row per image: LR (nearest-upsampled) | bicubic | SR | HR (:func:`progsr_jax.grid.sr_grid`)."""
+    save_png(path, grid.sr_grid(lr_u8, sr_u8, hr_u8))

@@ -26,6 +26,7 @@ import optax
 
 from progsr_jax import data as data_lib
 from progsr_jax import losses, models, vgg
+from progsr_jax.inference import SuperResolver
 from progsr_jax.training import checkpoint as ckpt_lib
 from progsr_jax.training import config as config_files
 from progsr_jax.training import core, reporting, sr_config, sr_validation
@@ -290,8 +291,8 @@ def _train(config, workdir: str, reporter) -> TrainState:
     vgg_params = jax.device_put(vgg.load_vgg16_features_params(), shard.replicated)
     fan_module, fan_vars = None, None
     if config.fan.checkpoint:
-        from progsr_jax import landmarks
-        fan_module, fan_vars = landmarks.load_variables(config.fan.checkpoint)
+        from progsr_jax import fan as fan_lib
+        fan_module, fan_vars = fan_lib.load_variables(config.fan.checkpoint)
         fan_vars = jax.device_put(fan_vars, shard.replicated)
         reporter.info(f"heatmap and attention losses use the FAN at {config.fan.checkpoint}")
     elif config.final_stage > 1:
@@ -316,7 +317,7 @@ def _train(config, workdir: str, reporter) -> TrainState:
         t0 = time.time()
         values = validator({"params": state.g_params, "batch_stats": state.g_stats}, stage, alpha)
         reporter.scalars(done, {"stage": stage, **values})
-        size = 16 * 2 ** stage
+        size = models.output_size(stage)
         reporter.info(f"iteration {done}: validation at {size}x{size} on {values['val_count']} "
                       f"images: PSNR {values['val_psnr']:.2f} dB (bicubic "
                       f"{values['val_psnr_bicubic']:.2f}), SSIM {values['val_ssim']:.4f} "
@@ -333,7 +334,7 @@ def _train(config, workdir: str, reporter) -> TrainState:
                              in_shardings=(shard.replicated, shard.batch, None, shard.replicated,
                                            shard.replicated, None),
                              out_shardings=(shard.replicated, shard.replicated))
-            reporter.info(f"stage {stage}: {16 * 2 ** stage}x{16 * 2 ** stage} output, "
+            reporter.info(f"stage {stage}: {models.output_size(stage)}x{models.output_size(stage)} output, "
                           f"iterations {begin}..{end - 1}")
 
             def step_fn(state, step, batch, stage=stage, begin=begin, jitted=jitted):
@@ -404,13 +405,13 @@ def _validator(config, g, reporter):
 def write_samples(workdir: str, g, state: TrainState, ds, idx, stage: int, alpha: float,
                   step: int) -> str:
     """``samples/stage<k>_<step>.png``: LR | bicubic | SR | HR rows of the first images."""
-    res = 16 * 2 ** stage
+    res = models.output_size(stage)
     lr_u8 = np.asarray(ds.images[16][idx])
     hr_u8 = np.asarray(ds.images[res][idx])
     variables = {"params": state.g_params, "batch_stats": state.g_stats}
-    sr = g.apply(variables, data_lib.to_float(lr_u8), step=stage, alpha=alpha, train=False)
+    sr = SuperResolver(variables, stage, alpha, model=g).super_resolve(lr_u8, len(lr_u8))
     path = os.path.join(workdir, "samples", f"stage{stage}_{step:07d}.png")
-    reporting.save_grid(path, lr_u8, data_lib.to_uint8(jax.device_get(sr)), hr_u8)
+    reporting.save_grid(path, lr_u8, sr, hr_u8)
     return path
 
 

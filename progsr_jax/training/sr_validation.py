@@ -21,12 +21,12 @@ The held-out set, :func:`data_config`:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from progsr_jax import data as data_lib
+from progsr_jax import models
 from progsr_jax.evaluation import metrics
+from progsr_jax.inference import SuperResolver
 from progsr_jax.training import config as config_files
 
 #: Synthetic validation faces come from seed ``seed + SYNTHETIC_SEED_OFFSET``,
@@ -63,17 +63,13 @@ class Validator:
         self.batch_size = max(1, min(int(batch_size), n))
         self.lr = np.asarray(ds.images[16][:n])
         self.hr = {r: np.asarray(ds.images[r][:n]) for r in (32, 64, 128)}
+        self.g = g
         self._bicubic: dict[int, dict] = {}
 
         def score(sr01, hr01):
             return metrics.psnr(sr01, hr01), metrics.ssim(sr01, hr01)
 
-        def generate(variables, lr, alpha, stage):
-            out = g.apply(variables, lr, step=stage, alpha=alpha, train=False)
-            return jnp.clip(0.5 * out.astype(jnp.float32) + 0.5, 0.0, 1.0)
-
         self._score = jax.jit(score)
-        self._generate = jax.jit(generate, static_argnums=(3,))
 
     def _batches(self):
         for i in range(0, self.num_images, self.batch_size):
@@ -95,17 +91,20 @@ class Validator:
     def bicubic(self, stage: int) -> dict:
         """Bicubic's scores at the stage's output size (computed once per stage)."""
         if stage not in self._bicubic:
-            size = 16 * 2 ** stage
-            up = np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC))
-                           for x in self.lr]).astype(np.float32) / np.float32(255.0)
+            size = models.output_size(stage)
+            up = data_lib.upscale(self.lr, size).astype(np.float32) / np.float32(255.0)
             p, s = self._mean_scores(lambda idx: up[idx], size)
             self._bicubic[stage] = {"val_psnr_bicubic": p, "val_ssim_bicubic": s}
         return self._bicubic[stage]
 
     def __call__(self, variables, stage: int, alpha: float) -> dict:
-        size = 16 * 2 ** stage
+        sr = SuperResolver(variables, stage, alpha, model=self.g)
         lr = data_lib.to_float(self.lr)
-        p, s = self._mean_scores(
-            lambda idx: self._generate(variables, lr[idx], np.float32(alpha), stage), size)
+
+        def make_sr(idx):  # the raw outputs (batching.super_resolve), clipped to [0, 1]
+            out = sr.super_resolve(lr[idx], self.batch_size, min_batch=self.batch_size)
+            return np.clip(0.5 * out + 0.5, 0.0, 1.0)
+
+        p, s = self._mean_scores(make_sr, models.output_size(stage))
         return {"val_psnr": p, "val_ssim": s, **self.bicubic(stage),
                 "val_count": self.num_images}

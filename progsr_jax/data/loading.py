@@ -1,0 +1,99 @@
+"""Reading a list of files in threads, and the folders the commands write into.
+
+``evaluate``, ``evaluate_landmarks`` and ``infer`` (every mode) read a list
+of image files, decode them in threads (:func:`iter_loaded`, batched by
+:func:`loaded_batches`), skip the unreadable ones with a reason, and write
+into a folder checked up front (:func:`check_output`,
+:func:`make_writable_dir`).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import os
+import sys
+from typing import Any, Callable, Iterator, Sequence
+
+from progsr_jax.data.images import BadImage
+from progsr_jax.errors import UserError
+
+
+def iter_loaded(files: Sequence[str], load: Callable[[str], Any], workers: int = 2,
+                window: int = 64) -> Iterator[tuple[str, Any, str | None]]:
+    """Yields ``(path, value, None)`` or ``(path, None, reason)`` in file order.
+
+    Decoding runs in ``workers`` threads, at most ``window`` files ahead.
+    ``BadImage`` (and ValueError/OSError from the landmark files) become
+    a skip reason; anything else propagates.
+    """
+    def guarded(path):
+        try:
+            return load(path), None
+        except (BadImage, ValueError, OSError) as e:
+            return None, str(e) or type(e).__name__
+
+    if workers <= 1:
+        for p in files:
+            yield (p,) + guarded(p)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+        it = iter(files)
+        pending = collections.deque((p, ex.submit(guarded, p))
+                                    for p in itertools.islice(it, window))
+        while pending:
+            p, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, ex.submit(guarded, nxt)))
+            yield (p,) + fut.result()
+
+
+def loaded_batches(files: Sequence[str], load: Callable[[str], Any], batch_size: int,
+                   skipped: list[tuple[str, str]], workers: int = 2, desc: str = "",
+                   progress: bool = True) -> Iterator[list[tuple[str, Any]]]:
+    """Yields lists of up to ``batch_size`` ``(path, value)`` in file order, with a progress bar.
+
+    Files :func:`iter_loaded` cannot use are appended to ``skipped`` as
+    ``(path, reason)``; only the last batch is smaller.
+    """
+    from tqdm import tqdm
+
+    batch: list[tuple[str, Any]] = []
+    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress,
+              file=sys.stderr) as bar:
+        for path, value, reason in iter_loaded(files, load, workers):
+            bar.update(1)
+            if reason is not None:
+                skipped.append((path, reason))
+                continue
+            batch.append((path, value))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def make_writable_dir(path: str, name: str) -> None:
+    """Creates ``path`` and writes a probe file; UserError ``cannot write to {name}``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {name}: {e.strerror or e}") from None
+
+
+def check_output(path: str | None) -> str:
+    """The absolute ``--output`` folder, created and writable; UserError otherwise."""
+    if not path:
+        raise UserError("--output=DIR is required")
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--output exists and is not a folder: {path}")
+    make_writable_dir(path, f"--output={path}")
+    return path

@@ -1,0 +1,123 @@
+"""The one batched inference path, the output size, the bicubic baseline, the grid, the recipes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tomllib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from progsr_jax import batching, data, grid, models, recipes
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+class Recorder:
+    """Wraps a super-resolver and records the batch shapes it is called with."""
+
+    def __init__(self, sr):
+        self.sr, self.output_size, self.calls = sr, sr.output_size, []
+
+    def __call__(self, x):
+        self.calls.append(x.shape[0])
+        return self.sr(x)
+
+
+@pytest.fixture(scope="module")
+def tiny_sr():
+    import jax
+
+    from progsr_jax.inference import SuperResolver
+
+    _, variables = models.init_generator(jax.random.PRNGKey(3), width=0.125)
+    return SuperResolver(jax.device_get(variables), 2, 0.5, width=0.125)
+
+
+def test_output_size_and_batch_rows():
+    assert [models.output_size(s) for s in (0, 1, 2, 3)] == [16, 32, 64, 128]
+    assert [models.stage_of_size(s) for s in (16, 32, 64, 128)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        models.stage_of_size(100)
+    assert [batching.batch_rows(n, 16) for n in (1, 2, 3, 5, 9, 16, 40)] == [1, 2, 4, 8, 16, 16, 16]
+    assert [batching.batch_rows(n, 8, smallest=8) for n in (1, 5, 8)] == [8, 8, 8]
+    assert batching.batch_rows(3, 6) == 4 and batching.batch_rows(5, 6) == 6
+
+
+def test_super_resolve_pads_chunks_and_keeps_the_dtype_convention(tiny_sr):
+    rng = np.random.default_rng(0)
+    lr = rng.integers(0, 256, (11, 16, 16, 3), dtype=np.uint8)
+    rec = Recorder(tiny_sr)
+    out = batching.super_resolve(rec, lr, batch_size=4)
+    assert rec.calls == [4, 4, 4]  # 4 + 4 + 3 padded to 4
+    assert out.dtype == np.uint8 and out.shape == (11, 64, 64, 3)
+    rec.calls.clear()
+    raw = batching.super_resolve(rec, data.to_float(lr), batch_size=8)
+    assert rec.calls == [8, 4]  # 8 + 3 padded to the next power of two
+    assert raw.dtype == np.float32 and raw.shape == (11, 64, 64, 3)
+    np.testing.assert_array_equal(out, data.to_uint8(raw))
+    # padding does not change a face's result (evaluation-mode BatchNorm)
+    one = np.asarray(tiny_sr(data.to_float(lr[:1])))
+    np.testing.assert_allclose(raw[:1], one, atol=1e-5)
+    rec.calls.clear()
+    assert batching.super_resolve(rec, data.to_float(lr[:3]), 8, min_batch=8).shape[0] == 3
+    assert rec.calls == [8]
+    assert batching.super_resolve(rec, np.zeros((0, 16, 16, 3), np.uint8)).shape == (0, 64, 64, 3)
+    # the method runs the same path
+    np.testing.assert_array_equal(tiny_sr.super_resolve(lr, 4), out)
+    from progsr_jax.errors import UserError
+    with pytest.raises(UserError, match=r"\(N, 16, 16, 3\)"):
+        batching.super_resolve(tiny_sr, np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(UserError, match="batch_size"):
+        batching.super_resolve(tiny_sr, lr, batch_size=0)
+
+
+def test_stage_names(tiny_sr):
+    import jax
+
+    assert tiny_sr.stage == 2 and tiny_sr.output_size == 64
+    with pytest.warns(DeprecationWarning):
+        assert tiny_sr.step == 2
+    x = np.zeros((1, 16, 16, 3), np.float32)
+    a = tiny_sr.model.apply(jax.device_get(tiny_sr.variables), x, stage=1, train=False)
+    b = tiny_sr.model.apply(jax.device_get(tiny_sr.variables), x, step=1, train=False)
+    assert a.shape == (1, 32, 32, 3)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bicubic_baseline_and_grid():
+    rng = np.random.default_rng(1)
+    lr = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    up = data.upscale(lr, 64)
+    np.testing.assert_array_equal(up[1], np.asarray(Image.fromarray(lr[1]).resize((64, 64), Image.BICUBIC)))
+    sr = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    hr = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    plain = grid.sr_grid(lr, sr, hr)
+    assert plain.shape == (128, 256, 3)
+    np.testing.assert_array_equal(plain[64:, 64:128], up[1])
+    np.testing.assert_array_equal(plain[:64, 128:192], sr[0])
+    np.testing.assert_array_equal(plain[:64, 192:], hr[0])
+    labelled = grid.sr_grid(lr, sr, hr, labels=["a", "b"], sr_label="SR (x)")
+    assert labelled.shape == (16 + 2 * 130, 120 + 4 * 130, 3)  # tiles enlarged to 128
+
+
+def test_recipes_resolve_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    found = recipes.resolve("configs/step3.py:smoke")
+    assert found.endswith(os.path.join("configs", "step3.py") + ":smoke")
+    assert os.path.isfile(found.rsplit(":", 1)[0])
+    assert os.path.isfile(recipes.resolve("step1.py"))
+    assert recipes.resolve("elsewhere/step3.py") == "elsewhere/step3.py"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "step3.py").write_text("")
+    assert recipes.resolve("configs/step3.py") == "configs/step3.py"  # a file on disk wins
+
+
+def test_pyproject_lists_every_package():
+    conf = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    tree = sorted(".".join(p.parent.relative_to(REPO).parts)
+                  for p in (REPO / "progsr_jax").rglob("__init__.py"))
+    assert sorted(set(conf["packages"]) - {"progsr_jax.configs"}) == tree
+    assert conf["package-dir"]["progsr_jax.configs"] == "configs"
