@@ -96,16 +96,20 @@ class PilMethod(Method):
 class ModelMethod(Method):
     """A loaded generator; batches are padded to ``batch_size`` (one compiled shape)."""
 
-    def __init__(self, checkpoint: str | None, batch_size: int, clip: bool = True):
-        if not checkpoint:
+    def __init__(self, checkpoint: str | None, batch_size: int, clip: bool = True, sr=None):
+        """``sr``: an already loaded model with SuperResolver's interface, used instead of
+        ``checkpoint`` (e.g. :class:`progsr_jax.exported.ExportedModel`)."""
+        if sr is None and not checkpoint:
             raise UserError("--method=model needs --checkpoint=PATH (a training workdir, a "
                             "checkpoint directory or a converted official checkpoint); "
                             "use --method=bicubic or --method=bilinear for the baselines")
-        if not os.path.exists(checkpoint):
+        if sr is None and not os.path.exists(checkpoint):
             raise UserError(f"checkpoint not found: {checkpoint}")
-        from progsr_jax import inference
+        if sr is None:
+            from progsr_jax import inference
 
-        self.sr = inference.load(checkpoint)
+            sr = inference.load(checkpoint)
+        self.sr = sr
         self.name = "model"
         self.checkpoint = checkpoint
         self.batch_size = batch_size
