@@ -253,7 +253,7 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
         raise UserError("--exported runs --mode=downsample or --mode=lowres, not --mode=photo")
     if not checkpoint and not exported:
         raise UserError("--checkpoint=PATH is required (a training workdir, a checkpoint "
-                        "directory or a converted official checkpoint)")
+                        "directory or a converted official checkpoint), or --exported=DIR")
     if mode == "photo":
         return run_photo(checkpoint, input_path, output, batch_size=batch_size, workers=workers,
                          progress=progress, log=log, **photo_options)

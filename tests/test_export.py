@@ -24,6 +24,11 @@ from PIL import Image
 from progsr_jax import data, export, exported, infer
 from progsr_jax.errors import UserError
 
+_INSTALL = ("needs the export extra: pip install -e '.[export]' && "
+            "pip install --no-deps jax2onnx==0.17.1")
+pytest.importorskip("jax2onnx", reason=_INSTALL)
+pytest.importorskip("onnxruntime", reason=_INSTALL)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4  # float32: max abs difference allowed against the Flax outputs
 MODELS = {"step3": (3, 1.0), "stage2": (2, 0.6)}
@@ -297,3 +302,18 @@ def test_fresh_venv_with_onnxruntime_only(exports, checkpoints, faces, tmp_path)
         theirs = np.asarray(Image.open(path), np.int16)
         assert ours.shape == theirs.shape == (128, 128, 3)
         assert np.abs(ours - theirs).max() <= 1
+
+
+def test_bench_export_mode(capsys):
+    from progsr_jax import bench
+
+    assert bench.main(["bench", "--mode=export", "--width=0.0625", "--steps=1",
+                       "--warmup=0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["mode"] == "export"
+    assert [r["batch_size"] for r in out["results"]] == [1, 64]
+    for r in out["results"]:
+        assert r["jax_faces_per_sec"] > 0 and r["onnxruntime_faces_per_sec"] > 0
+        assert r["onnxruntime_over_jax"] == pytest.approx(
+            r["onnxruntime_faces_per_sec"] / r["jax_faces_per_sec"])
+        assert r["max_abs_diff"] <= TOL

@@ -99,13 +99,13 @@ class ModelMethod(Method):
     def __init__(self, checkpoint: str | None, batch_size: int, clip: bool = True, sr=None):
         """``sr``: an already loaded model with SuperResolver's interface, used instead of
         ``checkpoint`` (e.g. :class:`progsr_jax.exported.ExportedModel`)."""
-        if sr is None and not checkpoint:
-            raise UserError("--method=model needs --checkpoint=PATH (a training workdir, a "
-                            "checkpoint directory or a converted official checkpoint); "
-                            "use --method=bicubic or --method=bilinear for the baselines")
-        if sr is None and not os.path.exists(checkpoint):
-            raise UserError(f"checkpoint not found: {checkpoint}")
         if sr is None:
+            if not checkpoint:
+                raise UserError("--method=model needs --checkpoint=PATH (a training workdir, a "
+                                "checkpoint directory or a converted official checkpoint); "
+                                "use --method=bicubic or --method=bilinear for the baselines")
+            if not os.path.exists(checkpoint):
+                raise UserError(f"checkpoint not found: {checkpoint}")
             from progsr_jax import inference
 
             sr = inference.load(checkpoint)
