@@ -115,6 +115,7 @@ def generator_fn(sr):
 def contract(sr, fmt: str, batch: int | None, checkpoint: str, extra: dict) -> dict:
     """The JSON contract that sits beside an artefact."""
     import jax
+    import jax.numpy as jnp
 
     from progsr_jax import __version__
 
@@ -134,6 +135,7 @@ def contract(sr, fmt: str, batch: int | None, checkpoint: str, extra: dict) -> d
         "alpha": sr.alpha,
         "finished_step3": finished(sr),
         "width": sr.width,
+        "compute_dtype": jnp.dtype(sr.model.dtype).name,
         "checkpoint": os.path.abspath(checkpoint),
         "iteration": sr.iteration,
         **extra,
