@@ -24,8 +24,8 @@ is the generator's, not clipped; 8-bit pixels are
     runs in onnxruntime (``pip install 'progsr_jax[export]'`` for the converter).
 ``model.stablehlo`` + ``model.stablehlo.json``
     ``jax.export``'s serialized StableHLO (lowered for ``--platforms``), run with
-    ``jax.export.deserialize(open(f, 'rb').read()).call(x)`` by any JAX of the
-    same or a newer version; this package is not needed.
+    ``jax.export.deserialize(open(f, 'rb').read()).call(x)`` by the JAX that
+    wrote it or a newer one; this package is not needed.
 
 ``--batch_size=dynamic`` (default) accepts any N; ``--batch_size=N`` fixes it.
 

@@ -70,7 +70,7 @@ class ExportedModel:
         import jax
 
         with open(path, "rb") as f:
-            exp = jax.export.deserialize(bytearray(f.read()))
+            exp = jax.export.deserialize(f.read())
         return lambda x: np.asarray(exp.call(x))
 
     def __call__(self, x) -> np.ndarray:

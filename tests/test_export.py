@@ -154,7 +154,7 @@ def test_stablehlo_equals_flax_without_the_package(exports, checkpoints, faces, 
         "x = np.load('x.npz')['x']\n"
         "out = {}\n"
         "for key, (path, n) in json.load(open('jobs.json')).items():\n"
-        "    exp = jax.export.deserialize(bytearray(open(path, 'rb').read()))\n"
+        "    exp = jax.export.deserialize(open(path, 'rb').read())\n"
         "    out[key] = np.asarray(exp.call(x[:n]))\n"
         "np.savez('y.npz', **out)\n"
         "print('ok', 'progsr_jax' in sys.modules)\n")
