@@ -216,6 +216,16 @@ def test_infer_exported_writes_the_same_pngs(exports, checkpoints, faces, tmp_pa
                   exported=str(exports["step3", "dynamic"]))
 
 
+def test_missing_runtime_packages_are_one_line_errors(exports, checkpoints, tmp_path,
+                                                      monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"needs jax2onnx.*--no-deps jax2onnx"):
+        export.export(str(checkpoints["step3"]), str(tmp_path / "o"), formats=["onnx"])
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(UserError, match="needs onnxruntime: pip install onnxruntime"):
+        exported.load(str(exports["step3", "dynamic"]), "onnx")
+
+
 def test_help():
     proc = subprocess.run([sys.executable, "-m", "progsr_jax.export", "--help"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
