@@ -3,6 +3,7 @@
     python -m progsr_jax.bench --stage=3 --batch_size=4 --steps=5 [--dtype=bfloat16]
     python -m progsr_jax.bench --stage=3 --batch_size=4 --steps=5 --torch   # PyTorch eager
     python -m progsr_jax.bench --mode=inference --batch_size=64 --steps=20
+    python -m progsr_jax.bench --mode=export --steps=5      # onnxruntime (CPU) vs JAX, batch 1, 64
     python -m progsr_jax.bench --suite [--out=bench.jsonl]     # JAX vs PyTorch, stages 1-3
 
 Training mode times the real jitted iteration of ``progsr_jax.training.sr`` (G update
@@ -43,7 +44,9 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("torch", False, "Time the PyTorch eager reference instead.", flag_values=fv)
     flags.DEFINE_bool("fan", True, "Include the heatmap and attention losses (stages 2-3).",
                       flag_values=fv)
-    flags.DEFINE_enum("mode", "train", ["train", "inference"], "What to time.", flag_values=fv)
+    flags.DEFINE_enum("mode", "train", ["train", "inference", "export"],
+                      "What to time (export: onnxruntime vs JAX inference, batch 1 and 64).",
+                      flag_values=fv)
     flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = default).", flag_values=fv)
     flags.DEFINE_bool("suite", False, "JAX vs PyTorch at stages 1-3 plus inference.",
                       flag_values=fv)
@@ -171,6 +174,54 @@ def bench_jax_inference(batch_size, steps, warmup, dtype, width):
             "step_time_s": dt, "compile_s": compile_s,
             "device": f"{devs[0].platform}:{devs[0].device_kind}", "num_devices": len(devs),
             "peak_memory_bytes": peak}
+
+
+def bench_export(steps, warmup, width, batch_sizes=(1, 64)):
+    """Faces/s of the ONNX export in onnxruntime (CPU) and of the JAX path, in one process."""
+    import os
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from progsr_jax import export, models
+    from progsr_jax.inference import SuperResolver
+
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("--mode=export needs onnxruntime: pip install 'progsr_jax[export]'") \
+            from None
+    _, variables = models.init_generator(jax.random.PRNGKey(0), width)
+    sr = SuperResolver(variables, 3, 1.0, width)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, export.FILES["onnx"])
+        export.export_onnx(export.generator_fn(sr), None, path)  # dynamic batch
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    rows = []
+    for n in batch_sizes:
+        x = np.random.default_rng(0).uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32)
+        runs = {"jax": lambda: np.asarray(sr(x)),
+                "onnxruntime": lambda: session.run(None, {export.INPUT_NAME: x})[0]}
+        row, outputs = {"batch_size": n}, {}
+        for name, fn in runs.items():
+            for _ in range(warmup + 1):  # the first JAX call compiles
+                outputs[name] = fn()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            row[f"{name}_faces_per_sec"] = n * steps / (time.perf_counter() - t0)
+        row["onnxruntime_over_jax"] = row["onnxruntime_faces_per_sec"] / row["jax_faces_per_sec"]
+        row["max_abs_diff"] = float(np.abs(outputs["jax"] - outputs["onnxruntime"]).max())
+        print(f"# batch {n}: JAX {row['jax_faces_per_sec']:.1f} faces/s, onnxruntime "
+              f"{row['onnxruntime_faces_per_sec']:.1f} faces/s "
+              f"({row['onnxruntime_over_jax']:.2f}x), max |diff| {row['max_abs_diff']:.1e}",
+              flush=True)
+        rows.append(row)
+    devs, _ = _device_info()
+    return {"framework": "jax+onnxruntime", "mode": "export", "width": width, "steps": steps,
+            "results": rows, "device": f"{devs[0].platform}:{devs[0].device_kind}",
+            "cpu_count": os.cpu_count()}
 
 
 def bench_torch(stage, batch_size, steps, warmup, width, use_fan, mode, threads):
@@ -319,6 +370,8 @@ def main(argv=None) -> int:
     if fv.torch:
         out = bench_torch(fv.stage, fv.batch_size, fv.steps, fv.warmup, fv.width, fv.fan, fv.mode,
                           fv.torch_threads)
+    elif fv.mode == "export":
+        out = bench_export(fv.steps, fv.warmup, fv.width)
     elif fv.mode == "inference":
         out = bench_jax_inference(fv.batch_size, fv.steps, fv.warmup, fv.dtype, fv.width)
     else:

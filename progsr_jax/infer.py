@@ -6,6 +6,12 @@ Usage::
         --output=FILE_OR_DIR [--mode=downsample|lowres|photo] [--batch_size=16]
     python -m progsr_jax.infer --checkpoint=PATH --source=tfds --split=test \
         --output=DIR [--limit=N] [--data_root=TFDS_DATA_DIR]
+    python -m progsr_jax.infer --exported=DIR --input=FILE_OR_DIR --output=FILE_OR_DIR \
+        [--mode=downsample|lowres]
+
+``--exported=DIR`` runs a model written by ``python -m progsr_jax.export``
+instead of a checkpoint (``DIR/model.onnx`` in onnxruntime, else
+``DIR/model.stablehlo``; :mod:`progsr_jax.exported`), with the same file handling.
 
 ``--source=tfds`` super-resolves CelebA's ``--split`` read through TensorFlow
 Datasets (the paper's test set: ``--split=test``) with the training
@@ -90,6 +96,7 @@ from absl import flags
 from PIL import Image
 
 from progsr_jax import batching, cli, data
+from progsr_jax import exported as exported_model
 from progsr_jax.data.loading import loaded_batches, make_writable_dir
 from progsr_jax.errors import UserError
 from progsr_jax.evaluation import crops
@@ -102,6 +109,8 @@ MODES = ("downsample", "lowres", "photo")
 def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("checkpoint", None, "training workdir, checkpoint directory or "
                         "converted official checkpoint", flag_values=fv)
+    flags.DEFINE_string("exported", None, "instead of --checkpoint: a folder written by "
+                        "progsr_jax.export (not for --mode=photo)", flag_values=fv)
     flags.DEFINE_string("input", None, "an image file or a folder of images", flag_values=fv)
     flags.DEFINE_string("output", None, "output PNG file (file input) or folder", flag_values=fv)
     flags.DEFINE_enum("mode", "downsample", MODES, "downsample: training preprocessing to "
@@ -211,20 +220,26 @@ def plan_tfds(split: str, output: str, limit: int | None, data_dir: str | None, 
 def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downsample",
         batch_size: int = 16, crop: str = "square", workers: int = 2,
         progress: bool = True, log=print, source: str = "files", split: str = "test",
-        limit: int | None = None, data_root: str | None = None, **photo_options) -> dict:
+        limit: int | None = None, data_root: str | None = None, exported: str | None = None,
+        **photo_options) -> dict:
     """Super-resolves the inputs; returns ``{'written': [...], 'skipped': [(path, reason)]}``.
 
     ``mode='photo'`` hands over to :func:`run_photo` with ``photo_options``
     (``upscale``, ``min_face``, ``max_faces``, ``only_center_face``,
-    ``detector_weights``).
+    ``detector_weights``).  ``exported``: a folder of :mod:`progsr_jax.export` to run
+    instead of ``checkpoint`` (not in photo mode).
     """
     if mode not in MODES:
         raise UserError(f"unknown --mode={mode}; expected one of {', '.join(MODES)}")
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
-    if not checkpoint:
+    if checkpoint and exported:
+        raise UserError("give --checkpoint or --exported, not both")
+    if exported and mode == "photo":
+        raise UserError("--exported runs --mode=downsample or --mode=lowres, not --mode=photo")
+    if not checkpoint and not exported:
         raise UserError("--checkpoint=PATH is required (a training workdir, a checkpoint "
-                        "directory or a converted official checkpoint)")
+                        "directory or a converted official checkpoint), or --exported=DIR")
     if mode == "photo":
         return run_photo(checkpoint, input_path, output, batch_size=batch_size, workers=workers,
                          progress=progress, log=log, **photo_options)
@@ -240,7 +255,7 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
         plan, loader = plan_outputs(input_path, output), _InputLoader(mode, crop)
     folder = os.path.dirname(plan[0][1])
     make_writable_dir(folder, folder)
-    model = load_model(checkpoint)
+    model = exported_model.load(exported) if exported else load_model(checkpoint)
     targets = dict(plan)
     written: list[str] = []
     skipped: list[tuple[str, str]] = []
@@ -272,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "detector_weights": fv.detector_weights}
     run(fv.checkpoint, fv.input, fv.output, mode=fv.mode, batch_size=fv.batch_size,
         crop=fv.crop, workers=fv.workers, progress=fv.progress, source=fv.source,
-        split=fv.split, limit=fv.limit, data_root=fv.data_root, **photo_options)
+        split=fv.split, limit=fv.limit, data_root=fv.data_root, exported=fv.exported,
+        **photo_options)
     return 0
 
 
