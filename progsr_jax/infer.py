@@ -121,6 +121,9 @@ def define(fv: flags.FlagValues) -> None:
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_boolean("only_center_face", False, "photo mode: keep only the face nearest "
                          "the photo's centre", flag_values=fv)
+    flags.DEFINE_float("max_face", None, "photo mode: faces whose aligned crop spans more "
+                       "photo pixels are left exactly as they are (default 22, see README; "
+                       "0: restore every face)", lower_bound=0.0, flag_values=fv)
     flags.DEFINE_string("detector_weights", None, "photo mode: folder with MTCNN's pnet.pt, "
                         "rnet.pt, onet.pt (default: the installed facenet-pytorch wheel)",
                         flag_values=fv)
@@ -326,6 +329,7 @@ def faces_json_text(records: dict[str, list[dict]]) -> str:
 
 def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="auto",
               min_face: float = 20.0, max_faces: int | None = None,
+              max_face: float | None = None,
               only_center_face: bool = False, detector_weights: str | None = None,
               batch_size: int = 16, workers: int = 2, progress: bool = True, log=print) -> dict:
     """``--mode=photo``: :func:`progsr_jax.photo.restore_photo` on every photo, files written.
@@ -336,6 +340,9 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
     from progsr_jax.photo import detection, pipeline
 
     upscale = pipeline.parse_upscale(upscale)
+    max_face = pipeline.DEFAULT_MAX_FACE if max_face is None else max_face
+    if max_face < 0:
+        raise UserError(f"--max_face must be >= 0 (0: restore every face), got {max_face:g}")
     out_root, plan = plan_photo_outputs(input_path, output)
     if max_faces is not None and max_faces < 1:
         raise UserError(f"--max_faces must be at least 1, got {max_faces}")
@@ -351,7 +358,7 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
     records: dict[str, list[dict]] = {}
     no_face: list[str] = []
     scales: dict[str, float] = {}
-    n_faces = 0
+    n_faces = kept = 0
     for batch in crops.loaded_batches([p for p, _, _ in plan], open_photo, 1, skipped, workers,
                                       desc="photo", progress=progress):
         (path, img), = batch
@@ -359,7 +366,7 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
         try:
             r = pipeline.restore_photo(model.sr, img, upscale=upscale, detector=detector,
                                       max_faces=max_faces, only_center_face=only_center_face,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, max_face=max_face)
         except UserError as e:
             skipped.append((path, str(e)))
             continue
@@ -369,6 +376,9 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
             r.image.save(target, format="PNG")
             for k, face in enumerate(r.faces):
                 files = _face_files(target, k)
+                if not face.restored:
+                    del files["sr"]
+                    kept += 1
                 for kind, f in files.items():
                     Image.fromarray(getattr(face, kind)).save(f, format="PNG")
                 entries.append(face.to_json(**{kind: os.path.relpath(f, out_root).replace(os.sep, "/")
@@ -379,7 +389,7 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
         written.append(target)
         records[key] = entries
         scales[key] = r.upscale
-        n_faces += len(entries)
+        n_faces += sum(e["restored"] for e in entries)
         if not entries:
             no_face.append(path)
     faces_json = os.path.join(out_root, "faces.json")
@@ -395,6 +405,10 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
         u = scales[keys[path][0]]
         log(f"no face found in {path}; written " + ("unchanged" if u == 1 else
                                                      f"upscaled {u:g}x (bicubic)"))
+    if kept:
+        log(f"{kept} face(s) left as they are: their aligned crop spans more than --max_face="
+            f"{max_face:g} photo pixels (faces.json: \"restored\": false; --max_face=0 "
+            "restores every face)")
     report(written, skipped, f"wrote {len(written)} of {len(plan)} photo(s) with {n_faces} "
            "face(s) restored" + (f" ({len(no_face)} without a face)" if no_face else ""), log)
     log(f"output: {out_root} (faces.json lists the faces)")
@@ -408,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fv.mode == "photo":
         photo_options = {"upscale": fv.upscale, "min_face": fv.min_face,
                          "max_faces": fv.max_faces, "only_center_face": fv.only_center_face,
+                         "max_face": fv.max_face,
                          "detector_weights": fv.detector_weights}
     run(fv.checkpoint, fv.input, fv.output, mode=fv.mode, batch_size=fv.batch_size,
         crop=fv.crop, workers=fv.workers, progress=fv.progress, source=fv.source,
