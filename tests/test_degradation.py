@@ -213,3 +213,14 @@ def test_presets_and_overrides_from_the_command_line_config():
     c.data.degradation.jpeg_quality = (40, 90)
     assert deg.from_config(c.data.degradation).jpeg_quality == (40, 90)
     assert "jpeg_quality=(40, 90)" in deg.describe(c.data.degradation)
+
+
+def test_bench_data_mode_reports_degraded_images_per_second():
+    from progsr_jax import bench
+
+    out = bench.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", threads=2)
+    for key in ("clean_images_per_sec", "degraded_images_per_sec_1_thread",
+                "degraded_images_per_cpu_sec", "degraded_images_per_sec_2_threads"):
+        assert out[key] > 0, key
+    with pytest.raises(UserError, match="other than 'none'"):
+        bench.bench_data(batch_size=4, steps=1, warmup=0, preset="none", threads=1)
