@@ -28,6 +28,7 @@ docstring of ``configs/step3.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -289,6 +290,7 @@ def kernel(kind: str, sigma_x: float, sigma_y: float, theta: float, beta: float,
     return k / k.sum()
 
 
+@functools.lru_cache(maxsize=1)
 def _cv2():
     import cv2
 
