@@ -78,6 +78,12 @@ default 20) is the smallest face searched for; ``--max_faces=N`` keeps the
 N largest faces; ``--only_center_face`` keeps the face nearest the photo's
 centre; ``--detector_weights=DIR`` reads ``pnet.pt``/``rnet.pt``/``onet.pt``
 from a folder instead of the installed facenet-pytorch wheel.
+
+``--max_face`` (default 22, :data:`progsr_jax.photo.pipeline.DEFAULT_MAX_FACE`):
+a face whose aligned crop spans more photo pixels is left exactly as it is
+(not restored, not pasted; ``auto`` ignores it when choosing the scale), and
+faces.json lists it with ``"restored": false``, its ``span`` and the
+``reason``; ``--max_face=0`` restores every face.
 """
 
 from __future__ import annotations
