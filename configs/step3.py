@@ -28,7 +28,8 @@ Variants (``--config=configs/step3.py:<variant>``):
 * ``smoke``: built-in synthetic faces, a sixteenth-width model and a few
   iterations per stage: every code path in a couple of minutes; for tests.
 
-Degraded inputs (``data.degradation``, :mod:`progsr_jax.data.degradation`).
+Degraded inputs (``data.degradation``, :mod:`progsr_jax.data.degradation`;
+the presets are :data:`progsr_jax.data.degradation_spec.PRESETS`).
 ``preset='none'`` (default) is the paper's clean chain, bit for bit.  Any other
 preset makes each 16x16 input from the 128x128 image at batch time, drawn from
 ``(seed, step, position in the global batch)``: blur at 128 px, resize to 16
