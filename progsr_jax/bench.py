@@ -4,6 +4,7 @@
     python -m progsr_jax.bench --stage=3 --batch_size=4 --steps=5 --torch   # PyTorch eager
     python -m progsr_jax.bench --mode=inference --batch_size=64 --steps=20
     python -m progsr_jax.bench --mode=export --steps=5      # onnxruntime (CPU) vs JAX, batch 1, 64
+    python -m progsr_jax.bench --mode=data --degradation=real --steps=50   # degraded batches
     python -m progsr_jax.bench --suite [--out=bench.jsonl]     # JAX vs PyTorch, stages 1-3
 
 Training mode times the real jitted iteration of ``progsr_jax.training.sr`` (G update
@@ -12,6 +13,11 @@ update with WGAN-GP) at the given stage, alpha < 1 at stages 2-3 (the fade-in
 path, the most expensive), FAN weights random (speed does not depend on them).
 ``--torch`` times ``progsr_jax.interop.pytorch.reference.train_iteration``, the same
 iteration in PyTorch eager, on the same machine.  Prints one JSON line.
+
+``--mode=data`` times :func:`progsr_jax.data.get_batch` at stage 3 (batch
+``--batch_size``) on 256 built-in synthetic faces held in memory: the clean
+chain and inputs degraded on the fly with ``--degradation`` (a preset of
+:mod:`progsr_jax.data.degradation`) in 1 and in ``--threads`` threads.
 
 ``--suite`` runs JAX and PyTorch at stages 1-3 (batch ``--batch_size``) and
 the inference benchmark, each in its own process, then prints a table with
@@ -44,9 +50,13 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("torch", False, "Time the PyTorch eager reference instead.", flag_values=fv)
     flags.DEFINE_bool("fan", True, "Include the heatmap and attention losses (stages 2-3).",
                       flag_values=fv)
-    flags.DEFINE_enum("mode", "train", ["train", "inference", "export"],
-                      "What to time (export: onnxruntime vs JAX inference, batch 1 and 64).",
-                      flag_values=fv)
+    flags.DEFINE_enum("mode", "train", ["train", "inference", "export", "data"],
+                      "What to time (export: onnxruntime vs JAX inference, batch 1 and 64; "
+                      "data: degraded stage-3 batches).", flag_values=fv)
+    flags.DEFINE_string("degradation", "real", "--mode=data: the degradation preset",
+                        flag_values=fv)
+    flags.DEFINE_integer("threads", 0, "--mode=data: degradation threads (0: CPU cores, at "
+                         "most 4)", lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = default).", flag_values=fv)
     flags.DEFINE_bool("suite", False, "JAX vs PyTorch at stages 1-3 plus inference.",
                       flag_values=fv)
@@ -146,6 +156,47 @@ def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan, d_w
         out["achieved_tflops"] = flops / dt / 1e12
         if peak_tflops:
             out["fraction_of_peak"] = out["achieved_tflops"] / peak_tflops
+    return out
+
+
+def bench_data(batch_size, steps, warmup, preset, threads):
+    """Images/s of stage-3 batches: clean, and degraded in 1 and in ``threads`` threads."""
+    import os
+
+    from progsr_jax import data
+    from progsr_jax.data import degradation
+
+    spec = degradation.from_config(preset)
+    if spec is None:
+        raise UserError("--mode=data needs a --degradation preset other than 'none'")
+    threads = threads or min(4, os.cpu_count() or 1)
+    ds = data.build_dataset(dict(source="synthetic", num_synthetic=256, cache_dir=""),
+                            progress=False, log=lambda _: None)
+
+    def rate(**kw):
+        """(images per wall second, images per CPU second of this process)."""
+        for step in range(warmup):
+            data.get_batch(ds, step, batch_size, 0, 3, **kw)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for step in range(warmup, warmup + steps):
+            data.get_batch(ds, step, batch_size, 0, 3, **kw)
+        n = steps * batch_size
+        return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+
+    clean, _ = rate()
+    one, one_cpu = rate(degradation=spec, threads=1)
+    out = {"mode": "data", "stage": 3, "batch_size": batch_size, "degradation": preset,
+           "clean_images_per_sec": clean, "degraded_images_per_sec_1_thread": one,
+           # contention-free estimate of one core's rate (CPU time, not wall time)
+           "degraded_images_per_cpu_sec": one_cpu}
+    if threads > 1:
+        out[f"degraded_images_per_sec_{threads}_threads"] = rate(degradation=spec,
+                                                                 threads=threads)[0]
+    out["cpu_count"] = os.cpu_count()
+    try:
+        out["load_average_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
     return out
 
 
@@ -372,6 +423,8 @@ def main(argv=None) -> int:
                           fv.torch_threads)
     elif fv.mode == "export":
         out = bench_export(fv.steps, fv.warmup, fv.width)
+    elif fv.mode == "data":
+        out = bench_data(fv.batch_size, fv.steps, fv.warmup, fv.degradation, fv.threads)
     elif fv.mode == "inference":
         out = bench_jax_inference(fv.batch_size, fv.steps, fv.warmup, fv.dtype, fv.width)
     else:

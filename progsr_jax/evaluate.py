@@ -8,6 +8,10 @@ Usage::
         [--crop=auto|celeba|square|landmarks] [--limit=N] [--noclip] [--nolpips]
     python -m progsr_jax.evaluate --checkpoint=WORKDIR --source=tfds --split=test \
         --output=/tmp/eval      # CelebA's test partition through TensorFlow Datasets
+    python -m progsr_jax.evaluate --checkpoint=WORKDIR --source=paired \
+        --lr_dir=bench/lr16 --hr_dir=bench/hr128 --output=/tmp/eval   # inputs made elsewhere
+    python -m progsr_jax.evaluate --checkpoint=WORKDIR --data_root=/data/celeba --split=val \
+        --degradation=real --degradation_seed=0 --output=/tmp/eval   # degraded inputs
 
 Data: the paper's preprocessing (:func:`progsr_jax.data.preprocess`): center
 crop 178 (CelebA; ``--source=folder`` uses the center square), PIL bilinear
@@ -20,6 +24,14 @@ the larger side of the 68 landmarks' bounding box, centred ``--crop_shift``
 (0.17) x side above the box centre - the framing of the CelebA crops - is cut
 out of each image (black outside the photo), then the same 128/64/32/16 chain
 is applied.  Images need a ``.pts`` file beside them (300-W format).
+
+``--source=paired``: 16x16 inputs made elsewhere (``--lr_dir``), used
+exactly as given, scored against the 128x128 images of ``--hr_dir`` with the
+same file stem (path under the folder without extension); files without a
+partner, stems used twice and images of another size are skipped and named.
+``--degradation=mild|real`` replaces any other source's 16x16 input by one
+degraded from its 128x128 image (:mod:`progsr_jax.data.degradation`), file
+``i`` by ``(--degradation_seed, 0, i)``: a fixed degraded test set.
 
 Methods: ``bicubic``/``bilinear`` resize the 16x16 uint8 input to the output
 size with PIL (``Image.BICUBIC``/``Image.BILINEAR``); ``model`` runs
@@ -76,7 +88,7 @@ def define(fv: flags.FlagValues) -> None:
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_enum("source", "celeba", sr.SOURCES, "celeba: partition file; folder: all "
                       "images under data_root; faces68: images with .pts landmarks; tfds: "
-                      "CelebA through TensorFlow Datasets",
+                      "CelebA through TensorFlow Datasets; paired: --lr_dir and --hr_dir",
                       flag_values=fv)
     flags.DEFINE_enum("crop", "auto", sr.CROPS, "auto: celeba for celeba, square for folder, "
                       "landmarks for faces68", flag_values=fv)
@@ -93,6 +105,14 @@ def define(fv: flags.FlagValues) -> None:
                          flag_values=fv)
     flags.DEFINE_integer("workers", 2, "image decoding threads", lower_bound=1, flag_values=fv)
     flags.DEFINE_boolean("progress", True, "show a progress bar", flag_values=fv)
+    flags.DEFINE_string("lr_dir", None, "--source=paired: folder of 16x16 inputs",
+                        flag_values=fv)
+    flags.DEFINE_string("hr_dir", None, "--source=paired: folder of 128x128 targets (same "
+                        "file stems)", flag_values=fv)
+    flags.DEFINE_string("degradation", "none", "none, mild or real: degrade the 16x16 inputs "
+                        "from the 128x128 images (progsr_jax.data.degradation)", flag_values=fv)
+    flags.DEFINE_integer("degradation_seed", 0, "seed of --degradation's fixed test set",
+                         lower_bound=0, flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

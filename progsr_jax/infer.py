@@ -84,6 +84,12 @@ default 20) is the smallest face searched for; ``--max_faces=N`` keeps the
 N largest faces; ``--only_center_face`` keeps the face nearest the photo's
 centre; ``--detector_weights=DIR`` reads ``pnet.pt``/``rnet.pt``/``onet.pt``
 from a folder instead of the installed facenet-pytorch wheel.
+
+``--max_face`` (default 22, :data:`progsr_jax.photo.pipeline.DEFAULT_MAX_FACE`):
+a face whose aligned crop spans more photo pixels is left exactly as it is
+(not restored, not pasted; ``auto`` ignores it when choosing the scale), and
+faces.json lists it with ``"restored": false``, its ``span`` and the
+``reason``; ``--max_face=0`` restores every face.
 """
 
 from __future__ import annotations
@@ -131,6 +137,9 @@ def define(fv: flags.FlagValues) -> None:
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_boolean("only_center_face", False, "photo mode: keep only the face nearest "
                          "the photo's centre", flag_values=fv)
+    flags.DEFINE_float("max_face", None, "photo mode: faces whose aligned crop spans more "
+                       "photo pixels are left exactly as they are (default 22, see README; "
+                       "0: restore every face)", lower_bound=0.0, flag_values=fv)
     flags.DEFINE_string("detector_weights", None, "photo mode: folder with MTCNN's pnet.pt, "
                         "rnet.pt, onet.pt (default: the installed facenet-pytorch wheel)",
                         flag_values=fv)
@@ -182,6 +191,7 @@ def load_model(checkpoint: str | None):
 
 def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="auto",
               min_face: float = 20.0, max_faces: int | None = None,
+              max_face: float | None = None,
               only_center_face: bool = False, detector_weights: str | None = None,
               batch_size: int = 16, workers: int = 2, progress: bool = True, log=print) -> dict:
     """``--mode=photo``: :func:`progsr_jax.photo.restore_photo` on every photo, files written
@@ -189,6 +199,9 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
     from progsr_jax.photo import detection, pipeline
 
     upscale = pipeline.parse_upscale(upscale)
+    max_face = pipeline.DEFAULT_MAX_FACE if max_face is None else max_face
+    if max_face < 0:
+        raise UserError(f"--max_face must be >= 0 (0: restore every face), got {max_face:g}")
     out_root, plan = plan_photo_outputs(input_path, output)
     if max_faces is not None and max_faces < 1:
         raise UserError(f"--max_faces must be at least 1, got {max_faces}")
@@ -199,7 +212,8 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
                         f"makes {model.output_size}x{model.output_size}")
     make_writable_dir(out_root, f"--output={out_root}")
     return restore_files(model, detector, out_root, plan, upscale=upscale, max_faces=max_faces,
-                         only_center_face=only_center_face, batch_size=batch_size,
+                         max_face=max_face, only_center_face=only_center_face,
+                         batch_size=batch_size,
                          workers=workers, progress=progress, log=log)
 
 
@@ -284,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fv.mode == "photo":
         photo_options = {"upscale": fv.upscale, "min_face": fv.min_face,
                          "max_faces": fv.max_faces, "only_center_face": fv.only_center_face,
+                         "max_face": fv.max_face,
                          "detector_weights": fv.detector_weights}
     run(fv.checkpoint, fv.input, fv.output, mode=fv.mode, batch_size=fv.batch_size,
         crop=fv.crop, workers=fv.workers, progress=fv.progress, source=fv.source,

@@ -654,7 +654,8 @@ def test_infer_photo_mode_end_to_end(tmp_path, weights, group, celeba_val, tiny_
     (src / "truncated.jpg").write_bytes(good.read_bytes()[:2000])
     out = tmp_path / "out"
     argv = ["infer", "--mode=photo", f"--checkpoint={tiny_checkpoint}", f"--input={src}",
-            f"--output={out}", "--upscale=2", "--noprogress", f"--detector_weights={weights}"]
+            f"--output={out}", "--upscale=2", "--noprogress", f"--detector_weights={weights}",
+            "--max_face=0"]  # these faces are 70-130 px: restore them all
     assert infer.main(argv) == 0
     logged = capsys.readouterr().out
     assert "text.jpg" in logged and "truncated.jpg" in logged and "skipped 2" in logged
@@ -729,3 +730,41 @@ def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
     img.save(tmp_path / "plain.png")
     assert infer.open_photo(str(tmp_path / "turned.jpg")).size == (20, 30)
     assert infer.open_photo(str(tmp_path / "plain.png")).size == (30, 20)
+
+
+def test_faces_above_max_face_are_left_exactly_as_they_are(tmp_path, weights, group,
+                                                           tiny_checkpoint, capsys):
+    """Default options on a photo of 70-130 px faces: written back unchanged, faces.json says why."""
+    from progsr_jax import infer
+    from progsr_jax.photo import pipeline
+
+    src = tmp_path / "group.jpg"
+    group.save(src, quality=90)
+    for upscale in ("1", "auto"):
+        out = tmp_path / f"out_{upscale}"
+        assert infer.main(["infer", "--mode=photo", f"--checkpoint={tiny_checkpoint}",
+                           f"--input={src}", f"--output={out}", f"--upscale={upscale}",
+                           "--noprogress", f"--detector_weights={weights}"]) == 0
+        assert "left as they are" in capsys.readouterr().out
+        with Image.open(src) as im:
+            given = np.asarray(im.convert("RGB"), np.int16)
+        with Image.open(out / "group.png") as im:
+            written = np.asarray(im.convert("RGB"), np.int16)
+        assert written.shape == given.shape
+        assert np.abs(written - given).max() <= 1
+        entries = json.loads((out / "faces.json").read_text())["group.jpg"]
+        assert len(entries) == len(GROUP_LAYOUT)
+        for k, e in enumerate(entries):
+            assert e["restored"] is False and e["span"] > pipeline.DEFAULT_MAX_FACE
+            assert f"> max_face {pipeline.DEFAULT_MAX_FACE:g} px" in e["reason"]
+            assert "sr" not in e and (out / e["aligned"]).exists() and (out / e["lr"]).exists()
+        assert not list(out.glob("*_sr.png"))
+    # --max_face=0 restores them anyway.
+    out = tmp_path / "all"
+    assert infer.main(["infer", "--mode=photo", f"--checkpoint={tiny_checkpoint}",
+                       f"--input={src}", f"--output={out}", "--upscale=1", "--max_face=0",
+                       "--noprogress", f"--detector_weights={weights}"]) == 0
+    entries = json.loads((out / "faces.json").read_text())["group.jpg"]
+    assert all(e["restored"] and "reason" not in e for e in entries)
+    with Image.open(out / "group.png") as im:
+        assert np.abs(np.asarray(im.convert("RGB"), np.int16) - given).max() > 1

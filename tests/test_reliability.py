@@ -25,6 +25,10 @@ TINY = ["--config=configs/step3.py:smoke", "--config.model.width=0.0625",
         "--config.data.num_synthetic=16", "--config.data.num_workers=0"]
 
 
+# The same run with inputs degraded on the fly (issue 20): resume and N devices stay exact.
+DEGRADED = ("--config.data.degradation.preset=real", "--config.data.degradation.clean_prob=0.25")
+
+
 def _main(workdir, *extra, cache):
     return [sys.executable, "-m", "progsr_jax.main", f"--workdir={workdir}", *TINY,
             f"--config.data.cache_dir={cache}", *extra]
@@ -40,13 +44,14 @@ def _output(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_during_stage2_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("extra", [(), DEGRADED], ids=["clean", "degraded"])
+def test_sigkill_during_stage2_then_resume_equals_uninterrupted(tmp_path, extra):
     cache = tmp_path / "cache"
-    r = _run(_main(tmp_path / "full", cache=cache))
+    r = _run(_main(tmp_path / "full", *extra, cache=cache))
     assert r.returncode == 0, r.stderr[-2000:]
 
     work = tmp_path / "killed"
-    proc = subprocess.Popen(_main(work, cache=cache), cwd=REPO, env=ENV,
+    proc = subprocess.Popen(_main(work, *extra, cache=cache), cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = work / "metrics.jsonl"
     deadline = time.time() + 900
@@ -71,7 +76,7 @@ def test_sigkill_during_stage2_then_resume_equals_uninterrupted(tmp_path):
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
 
-    r = _run(_main(work, cache=cache))  # the same command resumes
+    r = _run(_main(work, *extra, cache=cache))  # the same command resumes
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from checkpoint at iteration" in r.stderr
     np.testing.assert_allclose(_output(work), _output(tmp_path / "full"), atol=1e-5, rtol=0)
@@ -171,13 +176,14 @@ def test_misuse_gives_one_line_error(tmp_path, case):
 
 
 @pytest.mark.slow
-def test_four_devices_train_like_one(tmp_path):
+@pytest.mark.parametrize("extra", [(), DEGRADED], ids=["clean", "degraded"])
+def test_four_devices_train_like_one(tmp_path, extra):
     """Global batch 8 split over 4 forced host devices ends with the losses of 1 device."""
     finals = {}
     for n in (1, 4):
         env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
         work = tmp_path / f"d{n}"
-        r = subprocess.run(_main(work, "--config.batch_size=8", cache=tmp_path / "cache"),
+        r = subprocess.run(_main(work, "--config.batch_size=8", *extra, cache=tmp_path / "cache"),
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"devices: {n} x cpu" in r.stderr

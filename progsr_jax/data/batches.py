@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from progsr_jax.data import degradation as degradation_lib
 from progsr_jax.data.cache import Dataset
 from progsr_jax.data.images import to_float
 
@@ -62,25 +63,37 @@ def gather(arr: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return out
 
 
-def get_batch(ds: Dataset, step: int, batch_size: int, seed: int, stage: int
+def get_batch(ds: Dataset, step: int, batch_size: int, seed: int, stage: int,
+              degradation: degradation_lib.Spec | None = None, threads: int = 1
               ) -> dict[str, np.ndarray]:
     """Batch ``step`` of the deterministic order (see :func:`batch_indices`).
 
     Returns ``{'lr': float32 (B,16,16,3), 'hr': float32 (B,r,r,3)}`` with
     ``r = 16 * 2**stage`` (stage 1, 2, 3 -> 32, 64, 128; stage 0 gives r = 16),
-    values ``uint8 / 127.5 - 1`` in [-1, 1].
+    values ``uint8 / 127.5 - 1`` in [-1, 1].  With a ``degradation``
+    (:mod:`~progsr_jax.data.degradation`) the 16x16 inputs are made from the
+    128x128 images now, image ``j`` by ``(seed, step, j)``, in ``threads``
+    threads; without one they are the cached clean chain.
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}")
     idx = batch_indices(len(ds), batch_size, seed, step)
     r = 16 * 2 ** stage
-    return {"lr": to_float(gather(ds.images[16], idx)),
-            "hr": to_float(gather(ds.images[r], idx))}
+    hr = gather(ds.images[r], idx)
+    if degradation is None:
+        lr = gather(ds.images[16], idx)
+    else:
+        hr128 = hr if r == 128 else gather(ds.images[128], idx)
+        lr = degradation_lib.degrade(hr128, degradation, seed, step, threads=threads)
+    return {"lr": to_float(lr), "hr": to_float(hr)}
 
 
-def batch_loader(ds: Dataset, batch_size: int, seed: int, stage: int) -> Callable[[int], dict]:
-    """``step -> get_batch(ds, step, batch_size, seed, stage)``: what :class:`Prefetcher` runs."""
-    return functools.partial(get_batch, ds, batch_size=batch_size, seed=seed, stage=stage)
+def batch_loader(ds: Dataset, batch_size: int, seed: int, stage: int,
+                 degradation: degradation_lib.Spec | None = None,
+                 threads: int = 1) -> Callable[[int], dict]:
+    """``step -> get_batch(ds, step, batch_size, seed, stage, ...)``: what :class:`Prefetcher` runs."""
+    return functools.partial(get_batch, ds, batch_size=batch_size, seed=seed, stage=stage,
+                             degradation=degradation, threads=threads)
 
 
 class Prefetcher:

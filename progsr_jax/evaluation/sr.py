@@ -25,12 +25,13 @@ from PIL import Image
 
 from progsr_jax import data, grid
 from progsr_jax.errors import UserError
-from progsr_jax.evaluation import crops
+from progsr_jax.data import degradation
+from progsr_jax.evaluation import crops, inputs
 from progsr_jax.evaluation.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
 
 METHODS = ("model", "bicubic", "bilinear")
 PROTOCOLS = ("standard", "pfsr")
-SOURCES = ("celeba", "folder", "faces68", "tfds")
+SOURCES = ("celeba", "folder", "faces68", "tfds", "paired")
 CROPS = ("auto", "celeba", "square", "none", "landmarks")
 METRIC_KEYS = ("psnr", "ssim", "ms_ssim", "lpips", "psnr_y", "ssim_y")
 
@@ -55,6 +56,10 @@ class EvalConfig:
     lpips: bool = True
     workers: int = 2
     progress: bool = True
+    lr_dir: str | None = None  # --source=paired
+    hr_dir: str | None = None
+    degradation: str = "none"  # a preset of progsr_jax.data.degradation
+    degradation_seed: int = 0
 
 
 # ---------------------------------------------------------------- methods
@@ -214,7 +219,23 @@ def list_eval_files(cfg: EvalConfig, log: Callable[[str], Any] = print
     ``--source=tfds`` reads CelebA's ``--split`` through TensorFlow Datasets
     (``--data_root``, if given, is TFDS's data_dir), decoded once into the
     decode cache; its "files" are the cached examples' names.
+    ``--source=paired`` and ``--degradation``: :mod:`~progsr_jax.evaluation.inputs`.
     """
+    files, crop, loader = _list_clean(cfg, log)
+    spec = degradation.from_config(cfg.degradation)
+    if spec is not None:
+        if cfg.source == "paired":
+            raise UserError("--degradation does not apply to --source=paired (its inputs are "
+                            "used as given)")
+        loader = inputs.DegradedLoader(loader, files, spec, cfg.degradation_seed)
+    return files, crop, loader
+
+
+def _list_clean(cfg: EvalConfig, log: Callable[[str], Any]
+                ) -> tuple[list[str], str, Callable[[str], dict]]:
+    if cfg.source == "paired":
+        files, loader = inputs.paired_files(cfg.lr_dir, cfg.hr_dir, cfg.limit)
+        return files, "none", loader
     if cfg.source == "tfds":
         ds = data.build_dataset(dict(source="tfds", root=cfg.data_root or None, split=cfg.split,
                                      max_images=cfg.limit), progress=cfg.progress, log=log)
@@ -253,6 +274,7 @@ def _check_config(cfg: EvalConfig) -> None:
         raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.crop_scale <= 0:
         raise UserError(f"--crop_scale must be > 0, got {cfg.crop_scale}")
+    degradation.from_config(cfg.degradation)  # an unknown preset is a one-line error
 
 
 def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
@@ -264,7 +286,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
     _check_config(cfg)
     out_dir = crops.check_output(cfg.output)
     files, crop, loader = list_eval_files(cfg, log)
-    root = os.path.abspath(os.path.expanduser(cfg.data_root or "."))
+    root = os.path.abspath(os.path.expanduser(
+        (cfg.hr_dir if cfg.source == "paired" else cfg.data_root) or "."))
     method = make_method(cfg)
     size = method.output_size
     notes = []
@@ -339,6 +362,9 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
         crop_scale=cfg.crop_scale if crop == "landmarks" else None,
         crop_shift=cfg.crop_shift if crop == "landmarks" else None,
         data_root=root,
+        lr_dir=os.path.abspath(cfg.lr_dir) if cfg.source == "paired" else None,
+        degradation=cfg.degradation,
+        degradation_seed=cfg.degradation_seed if cfg.degradation != "none" else None,
         seconds=round(seconds, 3),
         images_per_second=round(n / seconds, 2) if seconds > 0 else None,
         images_per_second_after_first_batch=round(steady, 2) if steady else None,

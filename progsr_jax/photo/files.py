@@ -120,11 +120,13 @@ def faces_json_text(records: dict[str, list[dict]]) -> str:
 
 
 def restore_files(sr, detector, out_root: str, plan: list[tuple[str, str, str]], *,
-                  upscale="auto", max_faces: int | None = None, only_center_face: bool = False,
+                  upscale="auto", max_faces: int | None = None, max_face: float = 0.0,
+                  only_center_face: bool = False,
                   batch_size: int = pipeline.DEFAULT_BATCH, workers: int = 2,
                   progress: bool = True, log=print) -> dict:
     """The photo loop: every photo of ``plan`` (:func:`plan_photo_outputs`) restored by ``sr``
-    (a stage-3 model) and written into ``out_root`` with ``faces.json``.
+    (a stage-3 model) and written into ``out_root`` with ``faces.json``; faces whose aligned
+    crop spans more than ``max_face`` photo pixels (0: none) are left as they are.
 
     Returns ``{'written': [restored PNGs], 'skipped': [(path, reason)], 'faces': the faces.json
     dict, 'no_face': [paths], 'upscale': {key: factor}, 'output': folder, 'faces_json': path}``.
@@ -135,7 +137,7 @@ def restore_files(sr, detector, out_root: str, plan: list[tuple[str, str, str]],
     records: dict[str, list[dict]] = {}
     no_face: list[str] = []
     scales: dict[str, float] = {}
-    n_faces = 0
+    n_faces = kept = 0
     for batch in loaded_batches([p for p, _, _ in plan], open_photo, 1, skipped, workers,
                                 desc="photo", progress=progress):
         (path, img), = batch
@@ -143,7 +145,7 @@ def restore_files(sr, detector, out_root: str, plan: list[tuple[str, str, str]],
         try:
             r = pipeline.restore_photo(sr, img, upscale=upscale, detector=detector,
                                       max_faces=max_faces, only_center_face=only_center_face,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, max_face=max_face)
         except UserError as e:
             skipped.append((path, str(e)))
             continue
@@ -153,6 +155,9 @@ def restore_files(sr, detector, out_root: str, plan: list[tuple[str, str, str]],
             r.image.save(target, format="PNG")
             for k, face in enumerate(r.faces):
                 files = _face_files(target, k)
+                if not face.restored:
+                    del files["sr"]
+                    kept += 1
                 for kind, f in files.items():
                     Image.fromarray(getattr(face, kind)).save(f, format="PNG")
                 entries.append(face.to_json(**{kind: os.path.relpath(f, out_root).replace(os.sep, "/")
@@ -163,7 +168,7 @@ def restore_files(sr, detector, out_root: str, plan: list[tuple[str, str, str]],
         written.append(target)
         records[key] = entries
         scales[key] = r.upscale
-        n_faces += len(entries)
+        n_faces += sum(e["restored"] for e in entries)
         if not entries:
             no_face.append(path)
     faces_json = os.path.join(out_root, "faces.json")
@@ -179,6 +184,10 @@ def restore_files(sr, detector, out_root: str, plan: list[tuple[str, str, str]],
         u = scales[keys[path][0]]
         log(f"no face found in {path}; written " + ("unchanged" if u == 1 else
                                                      f"upscaled {u:g}x (bicubic)"))
+    if kept:
+        log(f"{kept} face(s) left as they are: their aligned crop spans more than --max_face="
+            f"{max_face:g} photo pixels (faces.json: \"restored\": false; --max_face=0 "
+            "restores every face)")
     report(written, skipped, f"wrote {len(written)} of {len(plan)} photo(s) with {n_faces} "
            "face(s) restored" + (f" ({len(no_face)} without a face)" if no_face else ""), log)
     log(f"output: {out_root} (faces.json lists the faces)")

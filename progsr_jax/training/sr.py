@@ -26,6 +26,7 @@ import optax
 
 from progsr_jax import data as data_lib
 from progsr_jax import losses, models, vgg
+from progsr_jax.data import degradation as degradation_lib
 from progsr_jax.inference import SuperResolver
 from progsr_jax.training import checkpoint as ckpt_lib
 from progsr_jax.training import config as config_files
@@ -276,6 +277,11 @@ def _train(config, workdir: str, reporter) -> TrainState:
     reporter.info(f"data: {len(ds)} training images from {_describe_source(config)}, "
                   f"split {config.data.split}")
 
+    degradation = degradation_lib.from_config(config.data.degradation)
+    if degradation is not None:
+        reporter.info(f"data: 16x16 inputs degraded on the fly "
+                      f"({degradation_lib.describe(config.data.degradation)}); validation "
+                      "stays on the clean chain")
     state, g, d = create_train_state(config, jax.random.PRNGKey(config.seed))
     validator = _validator(config, g, reporter)
     manager = ckpt_lib.manager(workdir, config.keep_checkpoints)
@@ -362,7 +368,8 @@ def _train(config, workdir: str, reporter) -> TrainState:
                 alpha = alpha_at(config, stage, done - 1 - begin)
                 ckpt_lib.save(manager, state, done, _meta(config, stage, alpha, done - begin))
 
-            loader = data_lib.batch_loader(ds, config.batch_size, config.seed, stage)
+            loader = data_lib.batch_loader(ds, config.batch_size, config.seed, stage,
+                                           degradation, degradation_lib.threads(config.data))
             with data_lib.Prefetcher(loader, int(state.step), end, sharding=shard.batch,
                                      buffer=config.data.prefetch) as batches:
                 state = core.train_loop(

@@ -6,7 +6,7 @@ one (:func:`validate`) and derives what the trainer needs from it.
 
 from __future__ import annotations
 
-from progsr_jax.data import SOURCES
+from progsr_jax.data import SOURCES, degradation
 from progsr_jax.training.config import Checks
 
 LOSS_TERMS = ("pixel", "perceptual", "adversarial", "heatmap", "attention")
@@ -46,6 +46,7 @@ def validate(config, num_devices: int = 1) -> None:
     for k in (1, 2, 3):
         c.non_negative(*(f"loss.stage{k}.{t}" for t in LOSS_TERMS))
     c.data_source(SOURCES, need_root=("folder",))  # celeba without a root: through TFDS
+    degradation.from_config(config.data.get("degradation"))  # UserError for a bad value
     c.positive_int("log_every", "checkpoint_every", "sample_every", "eval_every",
                    "keep_checkpoints", "val.batch_size")
     if not isinstance(config.val.num_images, int) or config.val.num_images < 0:
