@@ -5,8 +5,9 @@ is a pure function of ``(seed, step)``, so resuming training at any step
 reproduces the exact batches.  :class:`Prefetcher` produces batches in a
 background thread and puts them on device.  With several processes each
 process loads only its rows of the global batch (:func:`local_rows`) and
-:func:`assemble` makes the global array from them, without a collective.  Pixel values in super-resolution
-batches are float32 in ``[-1, 1]`` (:func:`~progsr_jax.data.images.to_float`).
+:func:`assemble` makes the global array from them, without a collective.
+Pixel values in super-resolution batches are float32 in ``[-1, 1]``
+(:func:`~progsr_jax.data.images.to_float`).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def get_batch(ds: Dataset, step: int, batch_size: int, seed: int, stage: int,
 
 def batch_loader(ds: Dataset, batch_size: int, seed: int, stage: int,
                  rows: slice | None = None) -> Callable[[int], dict]:
-    """``step -> get_batch(ds, step, batch_size, seed, stage, rows)``: what :class:`Prefetcher` runs."""
+    """``step -> get_batch(ds, step, batch_size, seed, stage, rows)``, what
+    :class:`Prefetcher` runs."""
     return functools.partial(get_batch, ds, batch_size=batch_size, seed=seed, stage=stage,
                              rows=rows)
 

@@ -8,6 +8,8 @@ Shared by both trainers:
 * :mod:`~progsr_jax.training.checkpoint`: Orbax save, resume, config check.
 * :mod:`~progsr_jax.training.reporting`: console/log.txt, metrics.jsonl,
   TensorBoard, progress bar, image grids.
+* :mod:`~progsr_jax.training.distributed`: several hosts (``--multihost``):
+  launch flags, replicated state, one writer, agreed stop, data prepared once.
 
 The trainers:
 

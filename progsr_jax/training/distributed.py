@@ -28,7 +28,7 @@ With one process every function here is the single-host behaviour.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import jax
 import numpy as np
@@ -54,7 +54,8 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def initialize(fv: flags.FlagValues) -> None:
-    """``jax.distributed.initialize`` with the flags given (the rest detected) if ``--multihost``."""
+    """With ``--multihost``: ``jax.distributed.initialize`` with the flags given (the
+    rest detected)."""
     explicit = {"coordinator_address": fv.coordinator_address,
                 "num_processes": fv.num_processes, "process_id": fv.process_id}
     given = {k: v for k, v in explicit.items() if v is not None}
