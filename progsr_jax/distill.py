@@ -28,6 +28,7 @@ def define(fv: flags.FlagValues) -> None:
                       "the workdir's student) and write WORKDIR/eval_nme.json.", flag_values=fv)
     flags.DEFINE_string("fan", None, "With --eval_only: a FAN folder to evaluate.",
                         flag_values=fv)
+    distributed.define_flags(fv)
 
 
 def main(argv=None) -> int:

@@ -277,12 +277,18 @@ def test_distill_two_processes_like_one(runs, synthetic_teacher):  # noqa: F811
 
 
 def test_launch_flags_need_multihost():
-    from progsr_jax import main
+    from progsr_jax import distill, main
     from progsr_jax.errors import UserError
 
     with pytest.raises(UserError, match="--num_processes needs --multihost"):
         main.main(["main", "--config=configs/step3.py:smoke", "--workdir=/nonexistent",
                    "--num_processes=2"])
+    with pytest.raises(UserError, match="--process_id needs --multihost"):
+        distill.main(["distill", "--config=configs/distill_fan.py:smoke",
+                      "--workdir=/nonexistent", "--process_id=1"])
+    with pytest.raises(UserError, match="--eval_only runs on one process"):
+        distill.main(["distill", "--config=configs/distill_fan.py:smoke", "--eval_only",
+                      "--multihost"])
 
 
 def test_divisibility_error_says_what_to_set(tiny_config):
