@@ -253,11 +253,15 @@ def test_sigterm_to_one_process_stops_both_and_resume_is_exact(runs, sr_runs):
 
 @pytest.mark.slow
 def test_one_process_run_resumed_by_two(runs, sr_runs):
+    """The 1-process run's checkpoint at iteration 8 (a copy of its workdir without the
+    later checkpoint) resumed by 2 processes."""
     one, _, _ = sr_runs
     work = runs.tmp / "one_then_two"
-    _sr(runs, work, 1, "--config.final_stage=2")
+    shutil.copytree(one, work)
+    shutil.rmtree(work / "checkpoints" / "12")
     assert _steps(work) == 8
     _sr(runs, work, 2)
+    assert "resumed from checkpoint at iteration 8" in (work / "log.txt").read_text()
     _assert_close(_final_state(one), _final_state(work),
                   "1 process to iteration 8, resumed by 2 processes, against the 1-process run")
 
