@@ -7,8 +7,9 @@ r"""Distil the landmark network ("fan_squeeze" student) from precomputed teacher
         --config.val.teacher_heatmaps=HM_VAL_DIR --config.data.root=CELEBA_ROOT [--fan=FAN_DIR]
 
 The teacher heatmaps come from ``tools/convert_fan_weights.py teacher-heatmaps``.
-Re-running the same command resumes.  What the run writes:
-:mod:`progsr_jax.training.distill`.
+Re-running the same command resumes.  Several hosts: the same command on every
+host with ``--multihost`` (as for ``python -m progsr_jax.main``).  What the run
+writes: :mod:`progsr_jax.training.distill`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from absl import flags
 
 from progsr_jax import cli
 from progsr_jax.errors import UserError
+from progsr_jax.training import distributed
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -26,10 +28,14 @@ def define(fv: flags.FlagValues) -> None:
                       "the workdir's student) and write WORKDIR/eval_nme.json.", flag_values=fv)
     flags.DEFINE_string("fan", None, "With --eval_only: a FAN folder to evaluate.",
                         flag_values=fv)
+    distributed.define_flags(fv)
 
 
 def main(argv=None) -> int:
     fv = cli.parse(argv, define, __doc__, config="configs/distill_fan.py[:paper|cpu|smoke]")
+    if fv.eval_only and fv.multihost:
+        raise UserError("--eval_only runs on one process; leave out --multihost")
+    distributed.initialize(fv)
     from progsr_jax.training import distill
 
     if fv.eval_only:

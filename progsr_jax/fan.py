@@ -134,6 +134,8 @@ def save(directory: str | os.PathLike, variables: dict, meta: dict) -> dict:
         ckptr.wait_until_finished()
     meta = {"kind": KIND, "input": "NHWC RGB in [0, 1], any size",
             "output": f"(N, H, W, {NUM_LANDMARKS}) heatmaps", **meta}
+    if jax.process_index() != 0:  # several processes: all join Orbax's save, process 0 writes
+        return meta
     path = os.path.join(directory, META_FILE)
     with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)

@@ -5,8 +5,10 @@ r"""Train progressive face super-resolution.
 
 Without ``--config.data.root`` CelebA comes through TensorFlow Datasets.
 Re-running the same command on the same workdir resumes from its latest
-checkpoint.  On a multi-host TPU pod or multi-GPU cluster add
-``--multihost`` on every host (calls ``jax.distributed.initialize()``).
+checkpoint.  On a TPU pod slice or several GPU hosts run the same command
+on every host with ``--multihost`` (and ``--coordinator_address``,
+``--num_processes``, ``--process_id`` where JAX cannot detect them); the
+workdir must be a folder every host shares.
 """
 
 from __future__ import annotations
@@ -14,22 +16,19 @@ from __future__ import annotations
 from absl import flags
 
 from progsr_jax import cli
+from progsr_jax.training import distributed
 
 
 def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.",
                         flag_values=fv)
-    flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.",
-                      flag_values=fv)
+    distributed.define_flags(fv)
 
 
 def main(argv=None) -> int:
     fv = cli.parse(argv, define, __doc__, config="configs/step3.py[:paper|cpu|demo|smoke]")
     cli.require(fv, "workdir")
-    import jax
-
-    if fv.multihost:
-        jax.distributed.initialize()
+    distributed.initialize(fv)
     from progsr_jax.training import sr
 
     sr.train_and_evaluate(fv.config, fv.workdir)

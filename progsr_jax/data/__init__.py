@@ -16,11 +16,12 @@ The path of an image through the pipeline:
 
 :mod:`~progsr_jax.data.teacher` reads the teacher heatmaps used to distil the
 landmark network; :mod:`~progsr_jax.data.loading` decodes a list of files in
-threads for the commands (evaluate, infer) and checks their output folders.  The names below are the public API of the package.
+threads for the commands (evaluate, infer) and checks their output folders.  The
+names below are the public API of the package.
 """
 
-from progsr_jax.data.batches import (Prefetcher, batch_indices, batch_loader, gather, get_batch,
-                                     measure_throughput)
+from progsr_jax.data.batches import (Prefetcher, assemble, batch_indices, batch_loader, gather,
+                                     get_batch, local_rows, measure_throughput)
 from progsr_jax.data.cache import PREPROCESS_VERSION, Dataset
 from progsr_jax.data.files import IMAGE_EXTENSIONS, list_files
 from progsr_jax.data.images import (CELEBA_CROP, CROPS, RESOLUTIONS, BadImage, center_crop,
@@ -29,7 +30,7 @@ from progsr_jax.data.pipeline import SOURCES, build_dataset
 
 __all__ = [
     "BadImage", "CELEBA_CROP", "CROPS", "Dataset", "IMAGE_EXTENSIONS", "PREPROCESS_VERSION",
-    "Prefetcher", "RESOLUTIONS", "SOURCES", "batch_indices", "batch_loader", "build_dataset",
-    "center_crop", "gather", "get_batch", "list_files", "measure_throughput", "open_image", "preprocess",
-    "to_float", "to_uint8", "upscale",
+    "Prefetcher", "RESOLUTIONS", "SOURCES", "assemble", "batch_indices", "batch_loader",
+    "build_dataset", "center_crop", "gather", "get_batch", "list_files", "local_rows",
+    "measure_throughput", "open_image", "preprocess", "to_float", "to_uint8", "upscale",
 ]

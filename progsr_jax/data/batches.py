@@ -3,8 +3,11 @@
 :func:`batch_indices` / :func:`get_batch` give a data order in which a batch
 is a pure function of ``(seed, step)``, so resuming training at any step
 reproduces the exact batches.  :class:`Prefetcher` produces batches in a
-background thread and puts them on device.  Pixel values in super-resolution
-batches are float32 in ``[-1, 1]`` (:func:`~progsr_jax.data.images.to_float`).
+background thread and puts them on device.  With several processes each
+process loads only its rows of the global batch (:func:`local_rows`) and
+:func:`assemble` makes the global array from them, without a collective.
+Pixel values in super-resolution batches are float32 in ``[-1, 1]``
+(:func:`~progsr_jax.data.images.to_float`).
 """
 
 from __future__ import annotations
@@ -64,36 +67,74 @@ def gather(arr: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def get_batch(ds: Dataset, step: int, batch_size: int, seed: int, stage: int,
-              degradation: degradation_lib.Spec | None = None, threads: int = 1
-              ) -> dict[str, np.ndarray]:
+              rows: slice | None = None, degradation: degradation_lib.Spec | None = None,
+              threads: int = 1) -> dict[str, np.ndarray]:
     """Batch ``step`` of the deterministic order (see :func:`batch_indices`).
 
+    ``rows``: only these rows of the global batch (this process's, see
+    :func:`local_rows`); the batch itself does not depend on how it is split.
     Returns ``{'lr': float32 (B,16,16,3), 'hr': float32 (B,r,r,3)}`` with
     ``r = 16 * 2**stage`` (stage 1, 2, 3 -> 32, 64, 128; stage 0 gives r = 16),
     values ``uint8 / 127.5 - 1`` in [-1, 1].  With a ``degradation``
     (:mod:`~progsr_jax.data.degradation`) the 16x16 inputs are made from the
-    128x128 images now, image ``j`` by ``(seed, step, j)``, in ``threads``
-    threads; without one they are the cached clean chain.
+    128x128 images now, image ``j`` of the global batch by ``(seed, step, j)``,
+    in ``threads`` threads; without one they are the cached clean chain.
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}")
-    idx = batch_indices(len(ds), batch_size, seed, step)
+    rows = rows or slice(None)
+    idx = batch_indices(len(ds), batch_size, seed, step)[rows]
     r = 16 * 2 ** stage
     hr = gather(ds.images[r], idx)
     if degradation is None:
         lr = gather(ds.images[16], idx)
     else:
         hr128 = hr if r == 128 else gather(ds.images[128], idx)
-        lr = degradation_lib.degrade(hr128, degradation, seed, step, threads=threads)
+        positions = np.arange(batch_size)[rows]  # places in the global batch
+        lr = degradation_lib.degrade(hr128, degradation, seed, step, positions, threads=threads)
     return {"lr": to_float(lr), "hr": to_float(hr)}
 
 
 def batch_loader(ds: Dataset, batch_size: int, seed: int, stage: int,
-                 degradation: degradation_lib.Spec | None = None,
+                 rows: slice | None = None, degradation: degradation_lib.Spec | None = None,
                  threads: int = 1) -> Callable[[int], dict]:
-    """``step -> get_batch(ds, step, batch_size, seed, stage, ...)``: what :class:`Prefetcher` runs."""
+    """``step -> get_batch(ds, step, batch_size, seed, stage, rows, ...)``, what
+    :class:`Prefetcher` runs."""
     return functools.partial(get_batch, ds, batch_size=batch_size, seed=seed, stage=stage,
-                             degradation=degradation, threads=threads)
+                             rows=rows, degradation=degradation, threads=threads)
+
+
+def local_rows(sharding: Any, batch_size: int) -> slice:
+    """The rows of a global batch of ``batch_size`` that this process's devices hold.
+
+    ``sharding`` splits the leading axis (``PartitionSpec('data')``); the
+    process's devices must hold one contiguous block of rows, as the mesh of
+    :func:`progsr_jax.training.core.data_parallel` (devices ordered by
+    process) gives.  One process: ``slice(0, batch_size)``.
+    """
+    starts, stops = [], []
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        s = index[0] if index else slice(None)
+        start, stop, _ = s.indices(batch_size)
+        starts.append(start)
+        stops.append(stop)
+    blocks = sorted(set(zip(starts, stops)))  # devices holding the same rows count once
+    if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])):
+        raise ValueError(f"this process's devices do not hold one block of the batch: {blocks}")
+    return slice(blocks[0][0], blocks[-1][1])
+
+
+def assemble(local: Any, sharding: Any) -> Any:
+    """The global arrays whose rows of this process are ``local`` (a pytree of arrays).
+
+    ``jax.make_array_from_process_local_data``: each process passes only its
+    rows (:func:`local_rows`) and nothing is exchanged between processes; with
+    one process this is ``jax.device_put(local, sharding)``.
+    """
+    import jax
+
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
 
 class Prefetcher:
@@ -102,8 +143,11 @@ class Prefetcher:
     The one prefetcher of the project: the super-resolution trainer loads
     :func:`get_batch` with it, the landmark distillation its (image, heatmap)
     batches.  Iterating yields ``(step, batch)`` in order.  With ``sharding``
-    (a ``jax.sharding.Sharding``) each batch (any pytree of arrays) is put on
-    device with ``jax.device_put(batch, sharding)`` in the background thread.
+    (a ``jax.sharding.Sharding``) each batch (any pytree of arrays; with
+    several processes, this process's rows of it) is made a global array with
+    :func:`assemble` in the background thread, which exchanges nothing between
+    processes (``jax.device_put`` would compare the values across hosts, a
+    collective racing the train step's).
     At most ``buffer`` batches wait in the queue.  An exception in the thread
     is re-raised in the consumer.  Use as a context manager or call
     :meth:`close` to stop early.
@@ -135,9 +179,7 @@ class Prefetcher:
         try:
             put_on_device = None
             if self.sharding is not None:
-                import jax
-
-                put_on_device = functools.partial(jax.device_put, device=self.sharding)
+                put_on_device = functools.partial(assemble, sharding=self.sharding)
             for step in range(self.start_step, self.end_step):
                 if self._stop.is_set():
                     return

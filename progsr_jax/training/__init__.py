@@ -9,6 +9,8 @@ Shared by both trainers:
   (on the checkpoint format of :mod:`progsr_jax.checkpoints`).
 * :mod:`~progsr_jax.training.reporting`: console/log.txt, metrics.jsonl,
   TensorBoard, progress bar, image grids.
+* :mod:`~progsr_jax.training.distributed`: several hosts (``--multihost``):
+  launch flags, replicated state, one writer, agreed stop, data prepared once.
 
 The trainers:
 

@@ -30,7 +30,11 @@ ARCH_FIELDS = ("model.width", "model.d_width")
 
 
 def save_state(mgr: ocp.CheckpointManager, state, step: int, meta: dict, **trees) -> None:
-    """Saves the training ``state``, its ``meta`` JSON and any further item ``trees``."""
+    """Saves the training ``state``, its ``meta`` JSON and any further item ``trees``.
+
+    Every process calls it (Orbax's barriers); the replicated state is
+    fetched as host arrays, which Orbax writes from process 0 alone.
+    """
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
     items["state"] = ocp.args.StandardSave(serialization.to_state_dict(jax.device_get(state)))
     items["meta"] = ocp.args.JsonSave(meta)
@@ -70,7 +74,12 @@ def _abstract(tree):
 
 
 def restore_latest(mgr: ocp.CheckpointManager, template_state):
-    """The latest training state in ``mgr`` restored into ``template_state``'s structure, or None."""
+    """The latest training state in ``mgr`` restored into ``template_state``'s structure, or None.
+
+    Each array is restored straight into the sharding of its template leaf
+    (the replicated state of :func:`progsr_jax.training.distributed.replicate`:
+    with several processes each reads what its own devices hold).
+    """
     step = mgr.latest_step()
     if step is None:
         return None
@@ -109,7 +118,10 @@ def _replace_checked(state, field: str, value, path: str):
 
 
 def check_or_write_config(workdir: str, config, arch_fields: tuple[str, ...] = ARCH_FIELDS) -> None:
-    """Keeps ``config.json`` in the workdir; refuses to resume with another architecture."""
+    """Keeps ``config.json`` in the workdir; refuses to resume with another architecture.
+
+    Every process checks; only process 0 writes.
+    """
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
@@ -124,6 +136,8 @@ def check_or_write_config(workdir: str, config, arch_fields: tuple[str, ...] = A
                 if a != b:
                     raise UserError(f"{workdir} holds a run with {dotted}={a}; this command asks "
                                     f"for {dotted}={b}. Use another --workdir or the same setting")
+    if jax.process_index() != 0:  # several processes: every one checks, process 0 writes
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(current, f, indent=2, sort_keys=True)

@@ -126,8 +126,14 @@ class Checks:
             self.fail(f"{name} must be at least 2 (BatchNorm in training mode needs two "
                       "samples)")
         if v % num_devices:
-            self.fail(f"{name} {v} is not divisible by the {num_devices} devices; use a "
-                      f"multiple of {num_devices}")
+            import jax
+
+            where = (f" ({jax.local_device_count()} on each of {jax.process_count()} processes)"
+                     if jax.process_count() > 1 else "")
+            fit = max(num_devices, v - v % num_devices)
+            self.fail(f"{name} {v} is not divisible by the {num_devices} devices{where}; set "
+                      f"--config.{name} to a multiple of {num_devices} (e.g. {fit} or "
+                      f"{fit + num_devices})")
 
     def data_source(self, sources: Iterable[str],
                     need_root: Iterable[str] = ("celeba", "folder")) -> None:

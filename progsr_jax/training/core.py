@@ -3,7 +3,9 @@
 * :func:`data_parallel`: the device mesh and the two shardings of data
   parallelism (replicated state, batch split over the ``data`` axis).
 * :func:`prepare_workdir`: create and check the run folder.
-* :class:`StopSignal`: SIGTERM/SIGINT ask the loop to checkpoint and exit.
+* :class:`StopSignal`: SIGTERM/SIGINT ask the loop to checkpoint and exit;
+  with several processes a signal on any one of them stops all at the same
+  step.
 * :func:`nonfinite_bits` / :func:`keep_if_finite`: the in-graph non-finite
   check: a step whose loss or gradient norm is not finite leaves the state
   as it was, and says which terms were bad.
@@ -26,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from progsr_jax.errors import UserError
+from progsr_jax.training import distributed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +39,13 @@ class Shardings:
 
 
 def data_parallel(devices: Sequence[Any] | None = None) -> Shardings:
-    """Data parallelism over ``devices`` (default: all, on every host)."""
-    mesh = Mesh(np.array(list(devices or jax.devices())), ("data",))
+    """Data parallelism over ``devices`` (default: all, on every host).
+
+    The devices are grouped by process (a stable sort), so that each process
+    holds one block of rows of the batch (:func:`progsr_jax.data.local_rows`).
+    """
+    ordered = sorted(devices or jax.devices(), key=lambda d: d.process_index)
+    mesh = Mesh(np.array(ordered), ("data",))
     return Shardings(mesh, NamedSharding(mesh, PartitionSpec()),
                      NamedSharding(mesh, PartitionSpec("data")))
 
@@ -57,7 +65,13 @@ def prepare_workdir(workdir: str) -> None:
 class StopSignal:
     """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits cleanly.
 
-    A second signal gives up at once (KeyboardInterrupt).
+    A second signal gives up at once (KeyboardInterrupt).  :meth:`agreed` is
+    what the loop asks: with one process, whether a signal came; with
+    several, whether one came to any of them, asked only at the steps every
+    process checks (``check``: the log cadence), so that all stop, save and
+    exit at the same step.  (A preemption notice arrives as SIGTERM on one
+    host; a process that stopped alone would wait in the checkpoint's
+    barrier while the others wait in the next step's collectives.)
     """
 
     def __init__(self):
@@ -76,6 +90,12 @@ class StopSignal:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
+
+    def agreed(self, check: bool) -> bool:
+        """Whether to stop after this step (a collective when several processes run)."""
+        if jax.process_count() == 1:
+            return self.signal is not None
+        return check and distributed.any_process(self.signal is not None)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -135,7 +155,8 @@ def train_loop(state, step_fn: Callable, batches: Iterable, *, end: int, batch_s
 
     Metrics stay on the device until a log step.  On a signal the loop saves
     a checkpoint and exits the process with status 0 (re-running the same
-    command resumes).
+    command resumes); with several processes at the first log step after
+    the signal, on all processes (:meth:`StopSignal.agreed`).
     """
     pending, t_last, n_last = [], time.time(), None
     for step, batch in batches:
@@ -144,9 +165,9 @@ def train_loop(state, step_fn: Callable, batches: Iterable, *, end: int, batch_s
         state, metrics = step_fn(state, step, batch)
         pending.append(metrics)
         done = step + 1
-        bar.update(1)
         last = done == end
-        if done % log_every == 0 or last or stop.signal:
+        stopping = stop.agreed(done % log_every == 0 or last)
+        if done % log_every == 0 or last or stopping:
             host = jax.device_get(pending)
             pending = []
             hooks.check(state)
@@ -154,12 +175,14 @@ def train_loop(state, step_fn: Callable, batches: Iterable, *, end: int, batch_s
             rate = (done - n_last) * batch_size / max(now - t_last, 1e-9)
             t_last, n_last = now, done
             hooks.log(done, host, rate)
+        bar.update(1)  # after the log hook: a plain progress line shows this step's losses
         hooks.after_step(done, state, last)
-        if done % checkpoint_every == 0 or last or stop.signal:
+        if done % checkpoint_every == 0 or last or stopping:
             hooks.check(state)
             hooks.save(done, state)
-        if stop.signal:
-            info(f"stopped by signal {stop.signal} at iteration {done}; checkpoint saved, "
+        if stopping:
+            cause = f"signal {stop.signal}" if stop.signal else "a signal to another process"
+            info(f"stopped by {cause} at iteration {done}; checkpoint saved, "
                  "re-run the same command to resume")
             raise SystemExit(0)
     return state

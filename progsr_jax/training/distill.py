@@ -47,6 +47,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from progsr_jax import data as data_lib
@@ -56,7 +57,8 @@ from progsr_jax.training.distill_validation import Evaluator, save_overlay
 from progsr_jax.fan import StudentFAN
 from progsr_jax.layers import count_params
 from progsr_jax.training import checkpoint as ckpt_lib
-from progsr_jax.training import core, distill_config, distill_data, distill_step, reporting
+from progsr_jax.training import (core, distill_config, distill_data, distill_step, distributed,
+                                 reporting)
 
 FORMAT = "progsr_jax/distill/1"
 
@@ -118,7 +120,7 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
     shard = core.data_parallel()
 
     module = StudentFAN(width=float(config.model.width))
-    state = distill_step.create_state(config, module)
+    state = distributed.replicate(distill_step.create_state(config, module), shard.replicated)
     num_params = count_params(state.params)
     teacher_sha = str(train_split.teacher.meta.get("weights_sha256")
                       or train_split.teacher.directory)
@@ -127,18 +129,17 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
     manager = ckpt_lib.manager(workdir, config.keep_checkpoints)
     ckpt_lib.check_run_kind(manager, meta, "a FAN distillation", ("teacher_sha256", "num_train"))
     _check_ema(manager, meta["ema"])
-    restored = ckpt_lib.restore_latest(manager, state)
+    restored = ckpt_lib.restore_latest(manager, state)  # straight into the replicated sharding
     if restored is not None:
         state = restored
         reporter.info(f"resumed from checkpoint at iteration {int(state.step)}")
     else:
         reporter.info(_describe(config, num_params, len(train_split)))
-    state = jax.device_put(state, shard.replicated)
 
     jitted = jax.jit(distill_step.make_train_step(config, module), donate_argnums=(0,),
                      in_shardings=(shard.replicated, shard.batch, shard.batch),
                      out_shardings=(shard.replicated, shard.replicated))
-    apply_fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
+    apply_fn = _sharded_apply(module, shard)
     evaluator = None
     if val_split is not None:
         evaluator = Evaluator(val_split, config.val.sizes, config.val.max_images,
@@ -170,7 +171,7 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
             last_val, pts64 = evaluator(apply_fn, variables(state))
             reporter.scalars(done, last_val)
             k = min(config.val.num_samples, len(pts64)) if pts64 is not None else 0
-            if k:
+            if k and reporter.writer:
                 save_overlay(os.path.join(workdir, "samples", f"landmarks_{done:07d}.png"),
                              val_split.images[64][val_split.ds_rows[:k]],
                              evaluator.teacher_points[:k], pts64[:k])
@@ -185,8 +186,10 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
 
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     step0 = int(state.step)
-    loader = distill_data.batch_loader(train_split, config.batch_size, config.seed)
-    with core.StopSignal() as stop, reporter.progress(config.steps, step0) as bar, \
+    loader = distill_data.batch_loader(train_split, config.batch_size, config.seed,
+                                       rows=data_lib.local_rows(shard.batch, config.batch_size))
+    with core.StopSignal() as stop, \
+            reporter.progress(config.steps, step0, config.log_every) as bar, \
             data_lib.Prefetcher(loader, step0, end, sharding=shard.batch, buffer=1) as batches:
         try:
             state = core.train_loop(
@@ -204,6 +207,24 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
                       f"this run); the student is in {workdir} (fan.load(DIR), "
                       f"--config.fan.checkpoint=DIR)")
     return state
+
+
+def _sharded_apply(module, shard):
+    """``(variables, x) -> heatmaps`` for validation: ``x`` (the whole batch, on every
+    process) padded to a multiple of the devices, each process computing its rows."""
+    devices = len(shard.batch.device_set)
+    jitted = jax.jit(lambda v, x: module.apply(v, x, train=False),
+                     out_shardings=shard.replicated)
+
+    def apply(variables, x):
+        n = len(x)
+        pad = -n % devices
+        if pad:
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+        rows = data_lib.local_rows(shard.batch, len(x))
+        return np.asarray(jitted(variables, data_lib.assemble(x[rows], shard.batch)))[:n]
+
+    return apply
 
 
 def evaluate_only(config, workdir: str | None, fan_dir: str | None) -> dict:

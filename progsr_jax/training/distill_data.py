@@ -25,6 +25,7 @@ from progsr_jax import data as data_lib
 from progsr_jax.data import teacher as teacher_lib
 from progsr_jax.errors import UserError
 from progsr_jax.training import config as config_files
+from progsr_jax.training import distributed
 
 
 @dataclasses.dataclass
@@ -77,7 +78,8 @@ def load_split(config, teacher_dir: str, split: str, name: str, info=print) -> S
         raise UserError(f"{teacher_dir} was computed on {teacher_crop!r} crops but data.source="
                         f"{config.data.source!r} uses {data_crop!r} crops: the images would not "
                         "match their heatmaps")
-    ds = data_lib.build_dataset(config_files.data_config(config, split), log=info)
+    ds = distributed.prepare_once(f"{name} data", lambda: data_lib.build_dataset(
+        config_files.data_config(config, split), log=info))
     ds_rows, teacher_rows, missing = [], [], []
     for i, path in enumerate(ds.files):
         try:
@@ -131,11 +133,12 @@ def load_splits(config, info=print, need_train: bool = True) -> tuple[Split | No
     return train_split, val_split
 
 
-def batch_loader(split: Split, batch_size: int, seed: int):
+def batch_loader(split: Split, batch_size: int, seed: int, rows: slice | None = None):
     """``step -> (images, teacher heatmaps)`` of batch ``step`` (the order of
-    :func:`progsr_jax.data.batch_indices`), the loader the prefetcher runs."""
+    :func:`progsr_jax.data.batch_indices`), the loader the prefetcher runs;
+    ``rows``: only these rows of it (this process's, :func:`progsr_jax.data.local_rows`)."""
     def load(step: int):
-        idx = data_lib.batch_indices(len(split), batch_size, seed, step)
+        idx = data_lib.batch_indices(len(split), batch_size, seed, step)[rows or slice(None)]
         return split.inputs(idx), split.targets(idx)
 
     return load

@@ -7,7 +7,12 @@ The one reporter of both trainers:
 * :meth:`Reporter.scalars`: one JSON object per event in
   ``<workdir>/metrics.jsonl`` (``step``, the values, ``time``) and the same
   scalars as TensorBoard events (tensorboardX) in ``<workdir>/tensorboard``.
-* :meth:`Reporter.progress`: the tqdm progress bar.
+* :meth:`Reporter.progress`: the tqdm progress bar on a terminal; where
+  stderr is not one (``> train.log``, ``nohup``, a scheduler's log file) a
+  plain line every ``every`` iterations instead (:class:`PlainProgress`).
+
+With several processes only process 0 writes (``writer``); the others keep
+``last`` but write, print and draw nothing.
 * :func:`save_grid`: super-resolution samples, rows of LR (nearest) |
   bicubic | SR | HR, written atomically as PNG; :func:`save_png` any image.
 """
@@ -27,10 +32,47 @@ from tqdm import tqdm
 from progsr_jax import grid
 
 
+class PlainProgress:
+    """What stands for the tqdm bar where stderr is not a terminal: one line
+    ``[time] train 120/720 (17%), 3.1 it/s, 3:13 left, stage=2 g=0.412`` every
+    ``every`` iterations and at the end, no carriage returns."""
+
+    def __init__(self, total: int, initial: int, every: int, file=None):
+        self.total, self.n, self.every = int(total), int(initial), max(1, int(every))
+        self.file = file or sys.stderr
+        self.postfix: dict = {}
+        self._t0, self._n0 = time.time(), int(initial)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            rate = (self.n - self._n0) / max(time.time() - self._t0, 1e-9)
+            left = (self.total - self.n) / rate if rate > 0 else 0.0
+            extra = "".join(f" {k}={v}" for k, v in self.postfix.items())
+            print(f"[{time.strftime('%H:%M:%S')}] train {self.n}/{self.total} "
+                  f"({100 * self.n / max(self.total, 1):.0f}%), {rate:.2f} it/s, "
+                  f"{int(left) // 60}:{int(left) % 60:02d} left,{extra}".rstrip(","),
+                  file=self.file, flush=True)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        pass
+
+
 class Reporter:
-    def __init__(self, workdir: str):
-        self.workdir = workdir
+    def __init__(self, workdir: str, writer: bool | None = None):
+        """``writer``: whether this process writes (default: process 0 only)."""
+        if writer is None:
+            import jax
+
+            writer = jax.process_index() == 0
+        self.workdir, self.writer = workdir, writer
         self.last: dict = {}
+        self._metrics = self._log = self._tb = None
+        if not writer:
+            return
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._log = open(os.path.join(workdir, "log.txt"), "a")
@@ -42,15 +84,22 @@ class Reporter:
             self.info("tensorboardX is not installed: no TensorBoard events")
 
     def info(self, msg: str) -> None:
+        if not self.writer:
+            return
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
         tqdm.write(line, file=sys.stderr)
         self._log.write(line + "\n")
         self._log.flush()
 
     @contextlib.contextmanager
-    def progress(self, total: int, initial: int):
-        bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
+    def progress(self, total: int, initial: int, every: int = 1):
+        """The progress bar; a :class:`PlainProgress` line every ``every`` iterations
+        where stderr is not a terminal."""
+        if self.writer and not sys.stderr.isatty():
+            bar = PlainProgress(total, initial, every)
+        else:
+            bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
+                       mininterval=1.0, file=sys.stderr, disable=not self.writer)
         try:
             yield bar
         finally:
@@ -63,6 +112,8 @@ class Reporter:
                     for k, v in values.items()})
         rec["time"] = time.time()
         self.last = rec
+        if not self.writer:
+            return
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
         if self._tb is not None:
@@ -73,8 +124,9 @@ class Reporter:
 
     def close(self) -> None:
         for f in (self._metrics, self._log):
-            with contextlib.suppress(Exception):
-                f.close()
+            if f is not None:
+                with contextlib.suppress(Exception):
+                    f.close()
         if self._tb is not None:
             with contextlib.suppress(Exception):
                 self._tb.close()

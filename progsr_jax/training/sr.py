@@ -30,7 +30,7 @@ from progsr_jax.data import degradation as degradation_lib
 from progsr_jax.inference import SuperResolver
 from progsr_jax.training import checkpoint as ckpt_lib
 from progsr_jax.training import config as config_files
-from progsr_jax.training import core, reporting, sr_config, sr_validation
+from progsr_jax.training import core, distributed, reporting, sr_config, sr_validation
 
 log = logging.getLogger("progsr_jax")
 
@@ -273,7 +273,8 @@ def _train(config, workdir: str, reporter) -> TrainState:
     reporter.info(core.describe_devices())
     shard = core.data_parallel()
 
-    ds = data_lib.build_dataset(config_files.data_config(config), log=reporter.info)
+    ds = distributed.prepare_once("training data", lambda: data_lib.build_dataset(
+        config_files.data_config(config), log=reporter.info))
     reporter.info(f"data: {len(ds)} training images from {_describe_source(config)}, "
                   f"split {config.data.split}")
 
@@ -283,23 +284,24 @@ def _train(config, workdir: str, reporter) -> TrainState:
                       f"({degradation_lib.describe(config.data.degradation)}); validation "
                       "stays on the clean chain")
     state, g, d = create_train_state(config, jax.random.PRNGKey(config.seed))
-    validator = _validator(config, g, reporter)
+    state = distributed.replicate(state, shard.replicated)
+    validator = _validator(config, g, reporter, shard.batch)
     manager = ckpt_lib.manager(workdir, config.keep_checkpoints)
-    restored = ckpt_lib.restore_latest(manager, state)
+    restored = ckpt_lib.restore_latest(manager, state)  # straight into the replicated sharding
     if restored is not None:
         state = restored
         reporter.info(f"resumed from checkpoint at iteration {int(state.step)}")
     elif config.init_from:
         state = ckpt_lib.init_from_pretrained(state, config.init_from)
+        state = distributed.replicate(state, shard.replicated)
         reporter.info(f"initialised G (and D if present) from {config.init_from}")
-    state = jax.device_put(state, shard.replicated)
 
-    vgg_params = jax.device_put(vgg.load_vgg16_features_params(), shard.replicated)
+    vgg_params = distributed.replicate(vgg.load_vgg16_features_params(), shard.replicated)
     fan_module, fan_vars = None, None
     if config.fan.checkpoint:
         from progsr_jax import fan as fan_lib
         fan_module, fan_vars = fan_lib.load_variables(config.fan.checkpoint)
-        fan_vars = jax.device_put(fan_vars, shard.replicated)
+        fan_vars = distributed.replicate(fan_vars, shard.replicated)
         reporter.info(f"heatmap and attention losses use the FAN at {config.fan.checkpoint}")
     elif config.final_stage > 1:
         reporter.info("fan.checkpoint is not set: the heatmap and attention losses are off")
@@ -331,7 +333,8 @@ def _train(config, workdir: str, reporter) -> TrainState:
         bar.set_postfix(stage=stage, val_psnr=f"{values['val_psnr']:.2f}",
                         bicubic=f"{values['val_psnr_bicubic']:.2f}")
 
-    with core.StopSignal() as stop, reporter.progress(total, int(state.step)) as bar:
+    with core.StopSignal() as stop, \
+            reporter.progress(total, int(state.step), config.log_every) as bar:
         for stage, begin, end in schedule:
             if int(state.step) >= end:
                 continue
@@ -359,7 +362,7 @@ def _train(config, workdir: str, reporter) -> TrainState:
 
             def after_step(done, state, last, stage=stage, begin=begin):
                 alpha = alpha_at(config, stage, done - 1 - begin)
-                if done % config.sample_every == 0 or last:
+                if reporter.writer and (done % config.sample_every == 0 or last):
                     write_samples(workdir, g, state, ds, sample_idx, stage, alpha, done)
                 if validator is not None and (done % config.eval_every == 0 or last):
                     validate(done, state, stage, alpha)
@@ -369,7 +372,10 @@ def _train(config, workdir: str, reporter) -> TrainState:
                 ckpt_lib.save(manager, state, done, _meta(config, stage, alpha, done - begin))
 
             loader = data_lib.batch_loader(ds, config.batch_size, config.seed, stage,
-                                           degradation, degradation_lib.threads(config.data))
+                                           rows=data_lib.local_rows(shard.batch,
+                                                                    config.batch_size),
+                                           degradation=degradation,
+                                           threads=degradation_lib.threads(config.data))
             with data_lib.Prefetcher(loader, int(state.step), end, sharding=shard.batch,
                                      buffer=config.data.prefetch) as batches:
                 state = core.train_loop(
@@ -394,7 +400,7 @@ def _describe_source(config) -> str:
     return f"{source} at {root}"
 
 
-def _validator(config, g, reporter):
+def _validator(config, g, reporter, batch_sharding):
     """The held-out set's :class:`~progsr_jax.training.sr_validation.Validator`, or None."""
     val_cfg = sr_validation.data_config(config)
     if val_cfg is None:
@@ -402,20 +408,26 @@ def _validator(config, g, reporter):
             reporter.info("validation is off: a folder source needs --config.val.root=<folder of "
                           "held-out images>")
         return None
-    val_ds = data_lib.build_dataset(val_cfg, log=reporter.info)
+    val_ds = distributed.prepare_once("validation data", lambda: data_lib.build_dataset(
+        val_cfg, log=reporter.info))
     reporter.info(f"validation: {min(len(val_ds), int(config.val.num_images))} held-out images "
                   f"(split {val_cfg.split}) every {config.eval_every} iterations and at the end "
                   "of each stage")
-    return sr_validation.Validator(val_ds, config.val.num_images, config.val.batch_size, g)
+    return sr_validation.Validator(val_ds, config.val.num_images, config.val.batch_size, g,
+                                   batch_sharding)
 
 
 def write_samples(workdir: str, g, state: TrainState, ds, idx, stage: int, alpha: float,
                   step: int) -> str:
-    """``samples/stage<k>_<step>.png``: LR | bicubic | SR | HR rows of the first images."""
+    """``samples/stage<k>_<step>.png``: LR | bicubic | SR | HR rows of the first images.
+
+    Computed on this process's own device from a host copy of G (the writer
+    alone calls it; nothing involves the other processes).
+    """
     res = models.output_size(stage)
     lr_u8 = np.asarray(ds.images[16][idx])
     hr_u8 = np.asarray(ds.images[res][idx])
-    variables = {"params": state.g_params, "batch_stats": state.g_stats}
+    variables = jax.device_get({"params": state.g_params, "batch_stats": state.g_stats})
     sr = SuperResolver(variables, stage, alpha, model=g).super_resolve(lr_u8, len(lr_u8))
     path = os.path.join(workdir, "samples", f"stage{stage}_{step:07d}.png")
     reporting.save_grid(path, lr_u8, sr, hr_u8)

@@ -16,11 +16,16 @@ The held-out set, :func:`data_config`:
   faces of CelebA's validation partition (identities disjoint from training);
 * ``synthetic``: ``val.num_images`` faces drawn from another seed;
 * ``folder``: the images under ``val.root`` (no held-out set without it).
+
+The validation batches are split over the devices like the training batch:
+each process reads, upscales and scores only its rows, and the per-image
+scores come back replicated to every process (:class:`Validator`).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from progsr_jax import data as data_lib
@@ -28,6 +33,7 @@ from progsr_jax import models
 from progsr_jax.evaluation import metrics
 from progsr_jax.inference import SuperResolver
 from progsr_jax.training import config as config_files
+from progsr_jax.training import core
 
 #: Synthetic validation faces come from seed ``seed + SYNTHETIC_SEED_OFFSET``,
 #: far from the training seeds a user would try.
@@ -55,12 +61,20 @@ def data_config(config):
 
 
 class Validator:
-    """PSNR/SSIM of the generator and of bicubic on the first ``num_images`` of ``ds``."""
+    """PSNR/SSIM of the generator and of bicubic on the first ``num_images`` of ``ds``.
 
-    def __init__(self, ds, num_images: int, batch_size: int, g):
+    ``batch_sharding`` (default: all devices, :func:`~progsr_jax.training.core.data_parallel`)
+    splits each validation batch (``batch_size`` rounded up to a multiple of
+    the number of devices); every process calls it at the same point.
+    """
+
+    def __init__(self, ds, num_images: int, batch_size: int, g, batch_sharding=None):
+        self.sharding = batch_sharding or core.data_parallel().batch
         n = min(int(num_images), len(ds))
+        devices = len(self.sharding.device_set)
         self.num_images = n
-        self.batch_size = max(1, min(int(batch_size), n))
+        self.batch_size = -(-max(1, min(int(batch_size), n)) // devices) * devices
+        self.rows = data_lib.local_rows(self.sharding, self.batch_size)  # this process's
         self.lr = np.asarray(ds.images[16][:n])
         self.hr = {r: np.asarray(ds.images[r][:n]) for r in (32, 64, 128)}
         self.g = g
@@ -69,7 +83,10 @@ class Validator:
         def score(sr01, hr01):
             return metrics.psnr(sr01, hr01), metrics.ssim(sr01, hr01)
 
-        self._score = jax.jit(score)
+        replicated = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
+        self._score = jax.jit(score, out_shardings=replicated)
+        # The generator's raw outputs (about [-1, 1]) to [0, 1], clipped, as evaluate does.
+        self._to01 = jax.jit(lambda out: jnp.clip(0.5 * out.astype(jnp.float32) + 0.5, 0.0, 1.0))
 
     def _batches(self):
         for i in range(0, self.num_images, self.batch_size):
@@ -78,11 +95,14 @@ class Validator:
             yield idx, np.concatenate([idx, np.zeros(pad, idx.dtype)]) if pad else idx
 
     def _mean_scores(self, make_sr, size: int) -> tuple[float, float]:
+        """Means over the images; ``make_sr(rows)``: the [0, 1] output of this process's
+        ``rows`` of a batch as a global array."""
         psnrs, ssims = [], []
         for idx, padded in self._batches():
-            sr = make_sr(padded)
-            hr = self.hr[size][padded].astype(np.float32) / np.float32(255.0)
-            p, s = jax.device_get(self._score(sr, hr))
+            mine = padded[self.rows]
+            sr = make_sr(mine)
+            hr = self.hr[size][mine].astype(np.float32) / np.float32(255.0)
+            p, s = jax.device_get(self._score(sr, data_lib.assemble(hr, self.sharding)))
             psnrs.append(np.asarray(p)[:len(idx)])
             ssims.append(np.asarray(s)[:len(idx)])
         return (float(np.mean(np.concatenate(psnrs).astype(np.float64))),
@@ -92,8 +112,12 @@ class Validator:
         """Bicubic's scores at the stage's output size (computed once per stage)."""
         if stage not in self._bicubic:
             size = models.output_size(stage)
-            up = data_lib.upscale(self.lr, size).astype(np.float32) / np.float32(255.0)
-            p, s = self._mean_scores(lambda idx: up[idx], size)
+
+            def upscale(rows):
+                up = data_lib.upscale(self.lr[rows], size).astype(np.float32) / np.float32(255.0)
+                return data_lib.assemble(up, self.sharding)
+
+            p, s = self._mean_scores(upscale, size)
             self._bicubic[stage] = {"val_psnr_bicubic": p, "val_ssim_bicubic": s}
         return self._bicubic[stage]
 
@@ -101,9 +125,8 @@ class Validator:
         sr = SuperResolver(variables, stage, alpha, model=self.g)
         lr = data_lib.to_float(self.lr)
 
-        def make_sr(idx):  # the raw outputs (batching.super_resolve), clipped to [0, 1]
-            out = sr.super_resolve(lr[idx], self.batch_size, min_batch=self.batch_size)
-            return np.clip(0.5 * out + 0.5, 0.0, 1.0)
+        def make_sr(rows):  # the SuperResolver's forward pass on this batch, sharded like training's
+            return self._to01(sr(data_lib.assemble(lr[rows], self.sharding)))
 
         p, s = self._mean_scores(make_sr, models.output_size(stage))
         return {"val_psnr": p, "val_ssim": s, **self.bicubic(stage),
