@@ -119,3 +119,56 @@ class _FakeSR:
 def fake_sr_type():
     """The class of a fake super-resolver: ``fake_sr_type(gain=1.0)``."""
     return _FakeSR
+
+
+def _write_teacher(directory, files, heatmaps, teacher_name="synthetic-random", crop="none"):
+    """A complete teacher folder (the format of progsr_jax.data.teacher) holding ``heatmaps``."""
+    import numpy as np
+
+    from progsr_jax.data import teacher
+
+    os.makedirs(directory, exist_ok=True)
+    n = len(files)
+    with open(os.path.join(directory, teacher.FILES_FILE), "w") as f:
+        f.write("".join(name + "\n" for name in files))
+    hm = np.lib.format.open_memmap(os.path.join(directory, teacher.HEATMAPS_FILE), mode="w+",
+                                   dtype=np.float16, shape=(n,) + teacher.HEATMAP_SHAPE)
+    hm[:] = heatmaps.astype(np.float16)
+    hm.flush()
+    del hm
+    teacher.write_json_atomic(os.path.join(directory, teacher.PROGRESS_FILE),
+                              {"done": [0], "bad": {}})
+    teacher.write_json_atomic(os.path.join(directory, teacher.META_FILE), {
+        "format": teacher.FORMAT, "version": teacher.VERSION, "teacher": teacher_name,
+        "dtype": "float16", "num_images": n, "shape": list(teacher.HEATMAP_SHAPE),
+        "chunk_size": n, "weights_sha256": teacher_name, "crop": crop, "split": "train"})
+
+
+@pytest.fixture(scope="session")
+def write_teacher():
+    """``write_teacher(directory, files, heatmaps, teacher_name=..., crop=...)``: a teacher folder."""
+    return _write_teacher
+
+
+@pytest.fixture(scope="module")
+def synthetic_teacher(tmp_path_factory):
+    """Teacher heatmaps of a random StudentFAN (width 0.25) on the distillation smoke config's
+    32 faces."""
+    import jax
+    import numpy as np
+
+    from progsr_jax import data
+    from progsr_jax.fan import StudentFAN
+    from progsr_jax.training import distill_state
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    c = config_files.load("distill_fan.py", "smoke")
+    c.data.cache_dir = str(tmp / "cache")
+    ds = data.build_dataset(config_files.data_config(c, "train"), progress=False, log=lambda m: None)
+    module = StudentFAN(width=0.25)
+    variables = distill_state.create_state(c, module)  # a random student of another width
+    variables = {"params": variables.params, "batch_stats": variables.batch_stats}
+    x = np.asarray(ds.images[64], np.float32) / 255.0
+    hm = np.asarray(jax.jit(module.apply)(variables, x))
+    _write_teacher(tmp / "hm", ds.files, hm)
+    return tmp / "hm"

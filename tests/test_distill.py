@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from progsr_jax import data, landmarks
+from progsr_jax import landmarks
 from progsr_jax.data import teacher
 from progsr_jax.errors import UserError
 from progsr_jax.training import distill_validation as teacher_nme
@@ -40,43 +40,6 @@ def smoke_config(tmp_path, teacher_dir, **overrides):
     c.data.cache_dir = str(tmp_path / "cache")
     c.update_from_flattened_dict(overrides)
     return c
-
-
-def write_teacher(directory, files, heatmaps, teacher_name="synthetic-random", crop="none"):
-    """A complete teacher folder (the format of progsr_jax.teacher) holding ``heatmaps``."""
-    os.makedirs(directory, exist_ok=True)
-    n = len(files)
-    with open(os.path.join(directory, teacher.FILES_FILE), "w") as f:
-        f.write("".join(name + "\n" for name in files))
-    hm = np.lib.format.open_memmap(os.path.join(directory, teacher.HEATMAPS_FILE), mode="w+",
-                                   dtype=np.float16, shape=(n,) + teacher.HEATMAP_SHAPE)
-    hm[:] = heatmaps.astype(np.float16)
-    hm.flush()
-    del hm
-    teacher.write_json_atomic(os.path.join(directory, teacher.PROGRESS_FILE),
-                              {"done": [0], "bad": {}})
-    teacher.write_json_atomic(os.path.join(directory, teacher.META_FILE), {
-        "format": teacher.FORMAT, "version": teacher.VERSION, "teacher": teacher_name,
-        "dtype": "float16", "num_images": n, "shape": list(teacher.HEATMAP_SHAPE),
-        "chunk_size": n, "weights_sha256": teacher_name, "crop": crop, "split": "train"})
-
-
-@pytest.fixture(scope="module")
-def synthetic_teacher(tmp_path_factory):
-    """Teacher heatmaps of a random StudentFAN (width 0.25) on the smoke config's 32 faces."""
-    from progsr_jax.fan import StudentFAN
-
-    tmp = tmp_path_factory.mktemp("teacher")
-    c = distill_config_of("smoke")
-    c.data.cache_dir = str(tmp / "cache")
-    ds = data.build_dataset(config_files.data_config(c, "train"), progress=False, log=lambda m: None)
-    module = StudentFAN(width=0.25)
-    variables = distill_step.create_state(c, module)  # a random student of another width
-    variables = {"params": variables.params, "batch_stats": variables.batch_stats}
-    x = np.asarray(ds.images[64], np.float32) / 255.0
-    hm = np.asarray(jax.jit(module.apply)(variables, x))
-    write_teacher(tmp / "hm", ds.files, hm)
-    return tmp / "hm"
 
 
 def _leaves(state):
@@ -269,7 +232,7 @@ def test_zoom_and_shift_move_image_and_heatmaps_alike():
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
-def test_misuse_gives_one_line_errors(tmp_path, synthetic_teacher, trained):
+def test_misuse_gives_one_line_errors(tmp_path, synthetic_teacher, trained, write_teacher):
     with pytest.raises(UserError, match="no such folder"):
         distill.train_and_evaluate(smoke_config(tmp_path, tmp_path / "nope"), str(tmp_path / "w1"))
     with pytest.raises(UserError, match="teacher_heatmaps is not set"):

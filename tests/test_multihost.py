@@ -23,7 +23,6 @@ import time
 import numpy as np
 import pytest
 
-from test_distill import synthetic_teacher  # noqa: F401 - the teacher heatmaps fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
@@ -267,7 +266,7 @@ def test_one_process_run_resumed_by_two(runs, sr_runs):
 
 
 @pytest.mark.slow
-def test_distill_two_processes_like_one(runs, synthetic_teacher):  # noqa: F811
+def test_distill_two_processes_like_one(runs, synthetic_teacher):
     finals = {}
     for n in (1, 2):
         work = runs.tmp / f"distill{n}"
