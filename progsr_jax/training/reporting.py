@@ -10,11 +10,11 @@ The one reporter of both trainers:
 * :meth:`Reporter.progress`: the tqdm progress bar on a terminal; where
   stderr is not one (``> train.log``, ``nohup``, a scheduler's log file) a
   plain line every ``every`` iterations instead (:class:`PlainProgress`).
+* :func:`save_grid`: super-resolution samples, rows of LR (nearest) |
+  bicubic | SR | HR, written atomically as PNG; :func:`save_png` any image.
 
 With several processes only process 0 writes (``writer``); the others keep
 ``last`` but write, print and draw nothing.
-* :func:`save_grid`: super-resolution samples, rows of LR (nearest) |
-  bicubic | SR | HR, written atomically as PNG; :func:`save_png` any image.
 """
 
 from __future__ import annotations
