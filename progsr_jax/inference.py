@@ -61,7 +61,10 @@ class SuperResolver:
         self.output_size = models.output_size(self.stage)
         self.model = model if model is not None else models.Generator(
             width=self.width, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-        self.variables = jax.device_put(variables)
+        # Host arrays go to the default device; arrays already on devices stay where they are
+        # (validation during training passes G replicated over every process's devices).
+        self.variables = jax.tree_util.tree_map(
+            lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), variables)
         self._apply = _compiled(self.model, self.stage)
 
     @property

@@ -332,3 +332,15 @@ def test_only_the_writer_writes(tmp_path, capsys):
     reporter.close()
     assert reporter.last["loss"] == 1.5
     assert not (tmp_path / "w").exists() and capsys.readouterr().err == ""
+
+
+def test_data_progress_is_plain_lines_when_not_a_terminal(capsys):
+    """Every long step's progress (decoding, TFDS, evaluate, infer) prints whole lines off a
+    terminal: no carriage returns, a line at the end."""
+    from progsr_jax import progress
+
+    items = list(progress.track(range(5), 5, "decoding images", "img"))
+    assert items == list(range(5))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.strip().splitlines()[-1].split("] ", 1)[1].startswith("decoding images 5/5 (100%)")

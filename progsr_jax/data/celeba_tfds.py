@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import urllib.request
 
 import numpy as np
 from PIL import Image
 
+from progsr_jax import progress as progress_lib
 from progsr_jax.data.cache import CacheWriter, Dataset
 from progsr_jax.data.images import RESOLUTIONS, preprocess
 from progsr_jax.errors import UserError
@@ -165,8 +165,6 @@ def build(data_dir: str | None, manual_dir: str | None, split: str, max_images: 
 
     Files are named ``celeb_a/<split>/<index>`` (TFDS keeps no file names).
     """
-    from tqdm import tqdm
-
     total, images = _open(data_dir, manual_dir, split, max_images)
     if total == 0:
         raise UserError(f"tfds celeb_a split {split!r} is empty")
@@ -174,8 +172,8 @@ def build(data_dir: str | None, manual_dir: str | None, split: str, max_images: 
     try:
         count = 0
         with _quiet():
-            for i, image in enumerate(tqdm(images, total=total, desc="tfds celeb_a",
-                                           unit="img", disable=not progress, file=sys.stderr)):
+            for i, image in enumerate(progress_lib.track(images, total, "tfds celeb_a", "img",
+                                                         disable=not progress)):
                 if i >= total:
                     break
                 arrays = preprocess(Image.fromarray(np.asarray(image, np.uint8)), crop="celeba")

@@ -13,9 +13,9 @@ import collections
 import concurrent.futures
 import itertools
 import os
-import sys
 from typing import Any, Callable, Iterator, Sequence
 
+from progsr_jax import progress as progress_lib
 from progsr_jax.data.images import BadImage
 from progsr_jax.errors import UserError
 
@@ -58,11 +58,8 @@ def loaded_batches(files: Sequence[str], load: Callable[[str], Any], batch_size:
     Files :func:`iter_loaded` cannot use are appended to ``skipped`` as
     ``(path, reason)``; only the last batch is smaller.
     """
-    from tqdm import tqdm
-
     batch: list[tuple[str, Any]] = []
-    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress,
-              file=sys.stderr) as bar:
+    with progress_lib.bar(len(files), desc, "img", disable=not progress) as bar:
         for path, value, reason in iter_loaded(files, load, workers):
             bar.update(1)
             if reason is not None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 import os
 import re
-import sys
 from typing import Any, Callable, Sequence
 
 from PIL import Image
 
+from progsr_jax import progress as progress_lib
 from progsr_jax.data import cache as cache_lib
 from progsr_jax.data import celeba_tfds
 from progsr_jax.data import images as images_lib
@@ -120,13 +120,10 @@ def _decode_files(paths: list[str], writer: CacheWriter, *, pool: Any, num_worke
     """
     from concurrent.futures.process import BrokenProcessPool
 
-    from tqdm import tqdm
-
     work = functools.partial(_decode_one, min_size=min_size,
                              max_pixels=images_lib.MAX_IMAGE_PIXELS, crop=crop)
     bad: list[tuple[str, str]] = []
-    bar = tqdm(total=len(paths), desc="decoding images", unit="img",
-               disable=not progress, file=sys.stderr, smoothing=0.05)
+    bar = progress_lib.bar(len(paths), "decoding images", "img", disable=not progress)
     try:
         if pool is not None:
             chunk = max(1, min(64, len(paths) // (num_workers * 8)))
@@ -306,14 +303,11 @@ def _report_skipped(ds: Dataset, total: int, strict: bool, log: Callable[[str], 
 
 
 def _build_synthetic(n: int, seed: int, entry: str | None, progress: bool) -> Dataset:
-    from tqdm import tqdm
-
     from progsr_jax.data import synthetic
 
     writer = CacheWriter(entry, n, with_landmarks=True)
     try:
-        for i in tqdm(range(n), desc="synthetic faces", unit="img", disable=not progress,
-                      file=sys.stderr):
+        for i in progress_lib.track(range(n), n, "synthetic faces", "img", disable=not progress):
             face, lm = synthetic.make_face(synthetic.face_rng(seed, i))
             arrays = preprocess(Image.fromarray(face), crop="none")
             writer.put(i, [arrays[r] for r in RESOLUTIONS], lm)

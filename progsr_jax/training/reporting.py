@@ -9,7 +9,7 @@ The one reporter of both trainers:
   scalars as TensorBoard events (tensorboardX) in ``<workdir>/tensorboard``.
 * :meth:`Reporter.progress`: the tqdm progress bar on a terminal; where
   stderr is not one (``> train.log``, ``nohup``, a scheduler's log file) a
-  plain line every ``every`` iterations instead (:class:`PlainProgress`).
+  plain line every ``every`` iterations instead (:class:`progsr_jax.progress.PlainProgress`).
 * :func:`save_grid`: super-resolution samples, rows of LR (nearest) |
   bicubic | SR | HR, written atomically as PNG; :func:`save_png` any image.
 
@@ -29,36 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from progsr_jax import grid
-
-
-class PlainProgress:
-    """What stands for the tqdm bar where stderr is not a terminal: one line
-    ``[time] train 120/720 (17%), 3.1 it/s, 3:13 left, stage=2 g=0.412`` every
-    ``every`` iterations and at the end, no carriage returns."""
-
-    def __init__(self, total: int, initial: int, every: int, file=None):
-        self.total, self.n, self.every = int(total), int(initial), max(1, int(every))
-        self.file = file or sys.stderr
-        self.postfix: dict = {}
-        self._t0, self._n0 = time.time(), int(initial)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if self.n % self.every == 0 or self.n == self.total:
-            rate = (self.n - self._n0) / max(time.time() - self._t0, 1e-9)
-            left = (self.total - self.n) / rate if rate > 0 else 0.0
-            extra = "".join(f" {k}={v}" for k, v in self.postfix.items())
-            print(f"[{time.strftime('%H:%M:%S')}] train {self.n}/{self.total} "
-                  f"({100 * self.n / max(self.total, 1):.0f}%), {rate:.2f} it/s, "
-                  f"{int(left) // 60}:{int(left) % 60:02d} left,{extra}".rstrip(","),
-                  file=self.file, flush=True)
-
-    def set_postfix(self, **values) -> None:
-        self.postfix = values
-
-    def close(self) -> None:
-        pass
+from progsr_jax import grid, progress
 
 
 class Reporter:
@@ -93,13 +64,10 @@ class Reporter:
 
     @contextlib.contextmanager
     def progress(self, total: int, initial: int, every: int = 1):
-        """The progress bar; a :class:`PlainProgress` line every ``every`` iterations
+        """The progress bar; a :class:`~progsr_jax.progress.PlainProgress` line every ``every`` iterations
         where stderr is not a terminal."""
-        if self.writer and not sys.stderr.isatty():
-            bar = PlainProgress(total, initial, every)
-        else:
-            bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
-                       mininterval=1.0, file=sys.stderr, disable=not self.writer)
+        bar = progress.bar(total, "train", "it", initial=initial, disable=not self.writer,
+                           every=every)
         try:
             yield bar
         finally:
