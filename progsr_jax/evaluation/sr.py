@@ -104,27 +104,21 @@ class ModelMethod(Method):
     """A loaded generator, run by :func:`progsr_jax.inference.super_resolve` with every
     call padded to ``batch_size`` (one compiled shape)."""
 
-    def __init__(self, checkpoint: str | None, batch_size: int, clip: bool = True, sr=None):
-        """``sr``: an already loaded model with SuperResolver's interface, used instead of
-        ``checkpoint`` (e.g. :class:`progsr_jax.exported.ExportedModel`)."""
-        if sr is None:
-            if not checkpoint:
-                raise UserError("--method=model needs --checkpoint=PATH (a training workdir, a "
-                                "checkpoint directory or a converted official checkpoint); "
-                                "use --method=bicubic or --method=bilinear for the baselines")
-            if not os.path.exists(checkpoint):
-                raise UserError(f"checkpoint not found: {checkpoint}")
-            from progsr_jax import inference
+    def __init__(self, checkpoint: str | None, batch_size: int, clip: bool = True):
+        if not checkpoint:
+            raise UserError("--method=model needs --checkpoint=PATH (a training workdir, a "
+                            "checkpoint directory or a converted official checkpoint); "
+                            "use --method=bicubic or --method=bilinear for the baselines")
+        if not os.path.exists(checkpoint):
+            raise UserError(f"checkpoint not found: {checkpoint}")
+        from progsr_jax import inference, models
 
-            sr = inference.load(checkpoint)
-        self.sr = sr
+        self.sr = inference.load(checkpoint)
         self.name = "model"
         self.checkpoint = checkpoint
         self.batch_size = batch_size
         self.clip = clip
         self.output_size = int(self.sr.output_size)
-        from progsr_jax import models
-
         self.stage = models.stage_of_size(self.output_size)
 
     def generate(self, lr_u8: np.ndarray) -> np.ndarray:
