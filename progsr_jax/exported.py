@@ -77,16 +77,12 @@ class ExportedModel:
         x = np.ascontiguousarray(x, np.float32)
         if x.ndim != 4 or x.shape[1:] != (16, 16, 3):
             raise UserError(f"expected inputs of shape (N, 16, 16, 3), got {tuple(x.shape)}")
-        if self.batch is None:
+        if self.batch is None or x.shape[0] == self.batch:
             return self._run(x)
-        out = []
-        for i in range(0, x.shape[0], self.batch):
-            xb = x[i:i + self.batch]
-            n = xb.shape[0]
-            if n < self.batch:
-                xb = np.concatenate([xb, np.zeros((self.batch - n, 16, 16, 3), np.float32)])
-            out.append(self._run(xb)[:n])
-        return np.concatenate(out)
+        # A fixed-batch model: the one batched path, every call padded to that batch.
+        from progsr_jax import batching
+
+        return batching.super_resolve(self, x, self.batch, min_batch=self.batch)
 
     def __repr__(self):
         return (f"ExportedModel(stage={self.stage}, alpha={self.alpha}, backend={self.backend!r}, "
