@@ -5,7 +5,7 @@ Usage::
     python -m progsr_jax.evaluate --checkpoint=WORKDIR --data_root=/data/celeba \
         --split=test --output=/tmp/eval [--method=model|bicubic|bilinear] \
         [--protocol=standard|pfsr] [--batch_size=16] [--source=celeba|folder|faces68|tfds] \
-        [--crop=auto|celeba|square|landmarks] [--limit=N] [--noclip] [--nolpips]
+        [--crop=auto|celeba|square|landmarks] [--offset=N] [--limit=N] [--noclip] [--nolpips]
     python -m progsr_jax.evaluate --checkpoint=WORKDIR --source=tfds --split=test \
         --output=/tmp/eval      # CelebA's test partition through TensorFlow Datasets
     python -m progsr_jax.evaluate --checkpoint=WORKDIR --source=paired \
@@ -96,8 +96,10 @@ def define(fv: flags.FlagValues) -> None:
                        "crop_scale * larger side of the landmarks' bounding box", flag_values=fv)
     flags.DEFINE_float("crop_shift", crops.DEFAULT_CROP_SHIFT, "landmark crop: the crop centre "
                        "is crop_shift * side above the landmarks' box centre", flag_values=fv)
-    flags.DEFINE_integer("limit", None, "evaluate only the first N files", lower_bound=1,
-                         flag_values=fv)
+    flags.DEFINE_integer("limit", None, "evaluate only the first N files (after --offset)",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("offset", 0, "skip the first N files (in the split's order)",
+                         lower_bound=0, flag_values=fv)
     flags.DEFINE_boolean("clip", None, "clip SR outputs to [0, 1] before scoring (default: "
                          "yes, except under --protocol=pfsr, whose released eval does not clip)",
                          flag_values=fv)

@@ -121,3 +121,32 @@ def test_degraded_evaluation_is_a_fixed_set(tmp_path):
     with pytest.raises(Exception, match="does not apply to --source=paired"):
         _eval(tmp_path / "e", source="paired", lr_dir=str(folder), hr_dir=str(folder),
               degradation="real")
+
+
+def test_offset_selects_a_file_range_with_the_same_degraded_inputs(tmp_path, paired):
+    """--offset=N --limit=M scores files N..N+M-1, each exactly as in the full run."""
+    faces = _faces(6)
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i, f in enumerate(faces):
+        Image.fromarray(f).save(folder / f"f{i}.png")
+
+    def rows(out):
+        return (out / "per_image.csv").read_text().splitlines()[1:]
+
+    for deg in ("none", "real"):
+        kw = dict(source="folder", data_root=str(folder), degradation=deg)
+        _eval(tmp_path / f"all_{deg}", **kw)
+        part = _eval(tmp_path / f"part_{deg}", offset=2, limit=3, **kw)
+        assert part["num_images"] == 3, part
+        assert rows(tmp_path / f"part_{deg}") == rows(tmp_path / f"all_{deg}")[2:5]
+    tail = _eval(tmp_path / "tail", source="folder", data_root=str(folder), offset=4)
+    assert [r.split(",")[0] for r in rows(tmp_path / "tail")] == ["f4.png", "f5.png"]
+    root, _, _ = paired
+    both = _eval(tmp_path / "pairs", source="paired", lr_dir=str(root / "lr"),
+                 hr_dir=str(root / "hr"), offset=1, limit=2)
+    names = [r.split(",")[0] for r in rows(tmp_path / "pairs")]
+    # Matched pairs in stem order: broken (skipped when read), face0, face1, ...
+    assert names[:2] == ["face0.png", "face1.png"] and both["num_images"] == 2, names
+    with pytest.raises(Exception, match="after --offset=6"):
+        _eval(tmp_path / "none", source="folder", data_root=str(folder), offset=6)

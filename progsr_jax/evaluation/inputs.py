@@ -49,20 +49,22 @@ def _folder(path: str | None, flag: str) -> str:
 
 
 def paired_files(lr_dir: str | None, hr_dir: str | None,
-                 limit: int | None = None) -> tuple[list[str], "PairedLoader"]:
+                 limit: int | None = None, offset: int = 0
+                 ) -> tuple[list[str], "PairedLoader"]:
     """(files, loader) for ``--source=paired``.
 
     ``files`` holds the HR file of every stem, plus every file that cannot be
     used (no partner, stem clash); the loader raises ``ValueError`` with the
-    reason for those, so the evaluation skips them by name.  ``limit`` keeps
-    the first N matched pairs (stem order).
+    reason for those, so the evaluation skips them by name.  ``offset`` and
+    ``limit`` keep matched pairs ``offset .. offset + limit - 1`` (stem order).
     """
     lr_root, hr_root = _folder(lr_dir, "--lr_dir"), _folder(hr_dir, "--hr_dir")
     lr, lr_clash = _by_stem(lr_root)
     hr, hr_clash = _by_stem(hr_root)
     pairs = {hr[s]: lr[s] for s in sorted(hr) if s in lr}
-    if limit is not None:
-        pairs = dict(list(pairs.items())[:limit])
+    if offset or limit is not None:
+        end = None if limit is None else offset + limit
+        pairs = dict(list(pairs.items())[offset:end])
     reasons = dict(lr_clash + hr_clash)
     reasons.update({hr[s]: f"no low-resolution file with the stem {s!r} in {lr_root}"
                     for s in hr if s not in lr})
@@ -99,12 +101,16 @@ class PairedLoader:
 
 
 class DegradedLoader:
-    """Wraps a loader: its 16x16 input degraded from its 128x128 image, by file position."""
+    """Wraps a loader: its 16x16 input degraded from its 128x128 image, by file position.
+
+    ``files[0]`` is at position ``start`` of the full list (``--offset``), so a
+    file's input does not depend on the range evaluated.
+    """
 
     def __init__(self, load: Callable[[str], dict], files: Sequence[str],
-                 spec: degradation.Spec, seed: int):
+                 spec: degradation.Spec, seed: int, start: int = 0):
         self.load, self.spec, self.seed = load, spec, int(seed)
-        self.position = {f: i for i, f in enumerate(files)}
+        self.position = {f: start + i for i, f in enumerate(files)}
 
     def __call__(self, path: str) -> dict[int, np.ndarray]:
         arrays = dict(self.load(path))

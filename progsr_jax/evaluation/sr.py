@@ -52,6 +52,7 @@ class EvalConfig:
     crop_scale: float = DEFAULT_CROP_SCALE
     crop_shift: float = DEFAULT_CROP_SHIFT
     limit: int | None = None
+    offset: int = 0  # skip the first N files (then --limit)
     clip: bool | None = None  # None: clip unless protocol == 'pfsr'
     lpips: bool = True
     workers: int = 2
@@ -221,19 +222,20 @@ def list_eval_files(cfg: EvalConfig, log: Callable[[str], Any] = print
         if cfg.source == "paired":
             raise UserError("--degradation does not apply to --source=paired (its inputs are "
                             "used as given)")
-        loader = inputs.DegradedLoader(loader, files, spec, cfg.degradation_seed)
+        loader = inputs.DegradedLoader(loader, files, spec, cfg.degradation_seed,
+                                       start=cfg.offset)
     return files, crop, loader
 
 
 def _list_clean(cfg: EvalConfig, log: Callable[[str], Any]
                 ) -> tuple[list[str], str, Callable[[str], dict]]:
     if cfg.source == "paired":
-        files, loader = inputs.paired_files(cfg.lr_dir, cfg.hr_dir, cfg.limit)
+        files, loader = inputs.paired_files(cfg.lr_dir, cfg.hr_dir, cfg.limit, cfg.offset)
         return files, "none", loader
     if cfg.source == "tfds":
         ds = data.build_dataset(dict(source="tfds", root=cfg.data_root or None, split=cfg.split,
-                                     max_images=cfg.limit), progress=cfg.progress, log=log)
-        return list(ds.files), "celeba", crops.DatasetLoader(ds)
+                                     max_images=_end(cfg)), progress=cfg.progress, log=log)
+        return list(ds.files)[cfg.offset:], "celeba", crops.DatasetLoader(ds)
     if not cfg.data_root:
         raise UserError("--data_root=DIR is required")
     root = os.path.abspath(os.path.expanduser(cfg.data_root))
@@ -250,11 +252,16 @@ def _list_clean(cfg: EvalConfig, log: Callable[[str], Any]
         crop = {"celeba": "celeba", "folder": "square", "faces68": "landmarks"}[cfg.source]
     if crop not in CROPS[1:]:
         raise UserError(f"unknown --crop={crop}; expected one of {', '.join(CROPS)}")
-    if cfg.limit is not None:
-        files = files[:cfg.limit]
+    files = files[cfg.offset:_end(cfg)]
     if not files:
-        raise UserError(f"no images to evaluate under {root}")
+        raise UserError(f"no images to evaluate under {root}"
+                        + (f" after --offset={cfg.offset}" if cfg.offset else ""))
     return files, crop, crops.Loader(crop, cfg.crop_scale, cfg.crop_shift)
+
+
+def _end(cfg: EvalConfig) -> int | None:
+    """End of the file range ``[offset, offset + limit)``; None: to the end."""
+    return None if cfg.limit is None else cfg.offset + cfg.limit
 
 
 # -------------------------------------------------------------- evaluate
