@@ -1,7 +1,7 @@
 """A realistically degraded low-resolution group photo, restored by bicubic and by models.
 
-    python tools/degraded_group_photo.py --checkpoint=cpu=/runs/cpu \
-        --checkpoint=cpu_real=/runs/cpu_real --output=docs/degraded_group_photo.png
+    python tools/degraded_group_photo.py --output=docs/degraded_group_photo.png
+        --checkpoint=cpu=/runs/cpu --checkpoint=cpu_real=/runs/cpu_real
 
 1. **The photo.** Seven faces of the shared data (``$PROGSR_SHARED``, default
    ``../shared``): six CelebA validation images from the end of the val list
@@ -45,18 +45,18 @@ from progsr_jax.errors import UserError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The final (degraded) photo's size, width x height.
-PHOTO_SIZE = (136, 80)
+PHOTO_SIZE = (136, 72)
 #: (source, centre x, centre y, span, degrees) in final-photo pixels; ``span``: pixels across
 #: the face's aligned crop (178 of the 178x218 aligned frame); ``source``: a CelebA validation
 #: file index (>= 600) or a faces68 path.  Back row first (pasted under the front row).
 LAYOUT = (
-    (741, 37, 25, 20.0, 3.0),
-    (610, 68, 23, 22.0, -3.0),
-    (704, 99, 26, 21.0, 0.0),
-    (601, 19, 55, 25.0, -4.0),
-    (602, 51, 56, 28.0, 0.0),
-    ("helen_train/100591971_1.jpg", 84, 57, 23.0, 0.0),
-    (720, 116, 55, 27.0, 0.0),
+    (741, 37, 21, 20.0, 3.0),
+    (610, 68, 19, 22.0, -3.0),
+    (704, 99, 22, 21.0, 0.0),
+    (601, 19, 51, 25.0, -4.0),
+    (602, 51, 52, 27.0, 0.0),
+    ("helen_train/100591971_1.jpg", 84, 53, 25.0, 0.0),
+    (620, 116, 51, 25.0, 0.0),
 )
 FRAME_SIZE = (178, 218)
 
