@@ -89,3 +89,15 @@ def test_an_unloadable_checkpoint_is_one_line(tool, weights, shared_dir, tmp_pat
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(empty) in err[0]
+
+
+def test_the_camera_on_a_flat_gray(tool):
+    """Area downscale of a flat field keeps it; the noise has ``--noise`` as its std at 128,
+    less on darker pixels; the blur alone changes nothing on a flat field."""
+    gray = Image.new("RGB", (64 * 6, 48 * 6), (128, 128, 128))
+    assert np.array_equal(tool.degrade(gray, 6, 1.0, 0.0, seed=0), np.full((48, 64, 3), 128))
+    noisy = tool.degrade(gray, 6, 0.0, 3.0, seed=0).astype(np.float64)
+    assert noisy.mean() == pytest.approx(128, abs=0.2) and noisy.std() == pytest.approx(3.0, rel=0.08)
+    dark = tool.degrade(Image.new("RGB", gray.size, (32, 32, 32)), 6, 0.0, 3.0, seed=0)
+    expected = 3.0 * np.sqrt(0.2 + 0.8 * 32 / 128)  # 1.9 gray levels
+    assert dark.astype(np.float64).std() == pytest.approx(expected, rel=0.1)
