@@ -187,3 +187,44 @@ def test_vgg_features_and_input_gradient_match_torchvision_layout():
     np.testing.assert_allclose(float(lj), lt.item(), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(gj), xt.grad.numpy().transpose(0, 2, 3, 1),
                                rtol=1e-3, atol=1e-6 * float(np.abs(gj).max()) + 1e-9)
+
+
+def test_reference_iteration_keeps_tensors_on_the_inputs_device():
+    """The PyTorch reference iteration (bench --torch on a GPU) leaves no tensor on the CPU.
+
+    Everything runs on PyTorch's "meta" device (shapes only, no GPU needed) under
+    a function mode that records every torch call returning a CPU tensor (the
+    gradient penalty's epsilon once was one, which failed on CUDA with "Expected
+    all tensors to be on the same device").  SGD keeps no CPU step counters.
+    The final conversion of the losses to Python floats cannot work on meta.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    from progsr_jax.interop.pytorch import reference as tr
+    from progsr_jax.interop.pytorch.fan4 import FanSqueeze
+
+    class CpuOutputs(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    self.calls.append(getattr(func, "__name__", str(func)))
+            return out
+
+    dev = torch.device("meta")
+    G, D = tr.Generator(0.0625).to(dev), tr.Discriminator(0.0625).to(dev)
+    vgg_net, fan = tr.VGG16Features().to(dev), FanSqueeze().to(dev).eval()
+    weights = {s: dict(pixel=1.0, perceptual=1.0, adversarial=1.0, heatmap=1.0, attention=1.0)
+               for s in (1, 2, 3)}
+    g_opt = torch.optim.SGD(G.parameters(), lr=1e-3)
+    d_opt = torch.optim.SGD(D.parameters(), lr=1e-3)
+    lr_img = torch.zeros(2, 3, 16, 16, device=dev)
+    hr_img = torch.zeros(2, 3, 64, 64, device=dev)
+    spy = CpuOutputs()
+    with spy, pytest.raises(RuntimeError, match="meta"):
+        tr.train_iteration(G, D, vgg_net, fan, g_opt, d_opt, lr_img, hr_img, 2, 0.5, weights)
+    assert spy.calls == [], f"torch calls that made CPU tensors: {spy.calls}"

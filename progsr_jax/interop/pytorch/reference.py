@@ -188,7 +188,7 @@ def train_iteration(G, D, vgg, fan, g_opt, d_opt, lr_img, hr_img, step, alpha, w
     real_score = D(hr_img, step, alpha)
     real_term = real_score.mean() - 0.001 * (real_score ** 2).mean()
     fake_term = D(fake, step, alpha).mean()
-    eps = torch.rand(hr_img.size(0), 1, 1, 1)
+    eps = torch.rand(hr_img.size(0), 1, 1, 1, device=hr_img.device)
     x_hat = (eps * hr_img + (1 - eps) * fake).requires_grad_(True)
     grad, = torch.autograd.grad(D(x_hat, step, alpha).sum(), x_hat, create_graph=True)
     gp = ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
