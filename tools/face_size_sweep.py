@@ -621,7 +621,7 @@ def render_plot(results: dict, models: Sequence[str], sizes: Sequence[int], head
 def _flag_values(fv) -> dict:
     names = ("data_root", "split", "source", "offset", "limit", "checkpoint", "sizes",
              "degradation", "model_input", "output", "seed", "blur", "noise", "jpeg_quality",
-             "lpips", "batch_size")
+             "lpips", "batch_size", "plot_psnr_floor", "plot_lpips_floor")
     return {k: fv[k].value for k in names}
 
 
