@@ -25,6 +25,7 @@ unexpected argument into a :class:`UserError`.  :func:`run` prints a
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -120,6 +121,31 @@ def require(fv: flags.FlagValues, *names: str) -> None:
     for name in names:
         if fv[name].value in (None, ""):
             raise UserError(f"--{name} is required (see --help)")
+
+
+def named_checkpoints(values: Sequence[str], reserved: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Repeated ``--checkpoint=NAME=PATH`` (or ``PATH``) flags -> ``[(name, path)]``.
+
+    A missing flag, an empty name or path, a path that does not exist, a name
+    given twice or one of ``reserved`` (a baseline's) is a one-line UserError.
+    """
+    if not values:
+        raise UserError("--checkpoint=NAME=PATH is required (repeat it for several models)")
+    out = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(value)), value
+        if not name or not path:
+            raise UserError(f"--checkpoint={value}: expected NAME=PATH")
+        if name in reserved:
+            raise UserError(f"--checkpoint={value}: the name {name!r} is the baseline's")
+        if not os.path.exists(path):
+            raise UserError(f"--checkpoint={value}: {path} does not exist")
+        if name in [n for n, _ in out]:
+            raise UserError(f"--checkpoint: the name {name!r} is given twice")
+        out.append((name, path))
+    return out
 
 
 def quiet_libraries() -> None:

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from progsr_jax.errors import UserError, run_cli
+from progsr_jax.evaluation import sweep_plot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -161,8 +162,8 @@ def test_crossover(tool):
 
 
 def test_nice_ticks(tool):
-    assert tool.nice_ticks(-2.7, 1.2) == [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0]
-    ticks = tool.nice_ticks(-0.03, 0.11)
+    assert sweep_plot.nice_ticks(-2.7, 1.2) == [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0]
+    ticks = sweep_plot.nice_ticks(-0.03, 0.11)
     assert ticks[0] <= -0.03 and ticks[-1] >= 0.11 and 0.0 in ticks and len(ticks) <= 9
 
 

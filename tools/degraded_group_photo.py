@@ -91,25 +91,6 @@ def define(fv: flags.FlagValues) -> None:
                          flag_values=fv)
 
 
-def parse_checkpoints(values: Sequence[str]) -> list[tuple[str, str]]:
-    """``NAME=PATH`` (or ``PATH``) flags -> ``[(name, path)]``; UserError for a bad one."""
-    if not values:
-        raise UserError("--checkpoint=NAME=PATH is required (repeat it for several models)")
-    out = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep:
-            name, path = os.path.basename(os.path.normpath(value)), value
-        if not name or not path:
-            raise UserError(f"--checkpoint={value}: expected NAME=PATH")
-        if not os.path.exists(path):
-            raise UserError(f"--checkpoint={value}: {path} does not exist")
-        if name in [n for n, _ in out]:
-            raise UserError(f"--checkpoint: the name {name!r} is given twice")
-        out.append((name, path))
-    return out
-
-
 def shared_dir(flag: str | None) -> str:
     """The shared data folder; UserError naming where it was looked for."""
     path = flag or os.environ.get("PROGSR_SHARED") or os.path.join(os.path.dirname(REPO), "shared")
@@ -276,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not output.lower().endswith(".png"):
         raise UserError(f"--output must be a .png file, got {fv.output}")
     jpeg = os.path.abspath(fv.input_jpeg or output[:-4] + "_input.jpg")
-    checkpoints = parse_checkpoints(fv.checkpoint)
+    checkpoints = cli.named_checkpoints(fv.checkpoint)
     shared = shared_dir(fv.shared)
     from progsr_jax.data.loading import make_writable_dir
     from progsr_jax.photo import detection, paste, pipeline
