@@ -84,16 +84,25 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def convert_fan_tool():
-    """``tools/convert_fan_weights.py`` as a module (tools are scripts, not package modules)."""
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (tools are scripts, not package modules)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("convert_fan_weights",
-                                                  REPO / "tools" / "convert_fan_weights.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def tool_module():
+    """``tool_module("face_size_sweep")``: a tool script loaded as a module."""
+    return load_tool
+
+
+@pytest.fixture(scope="session")
+def convert_fan_tool():
+    return load_tool("convert_fan_weights")
 
 
 class _FakeSR:

@@ -7,8 +7,6 @@ The model is ``conftest.py``'s tiny random generator: this checks the files, not
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
@@ -17,16 +15,11 @@ from PIL import Image
 from progsr_jax.errors import UserError, run_cli
 from progsr_jax.photo import mtcnn
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location(
-        "degraded_group_photo", REPO / "tools" / "degraded_group_photo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def tool(tool_module):
+    return tool_module("degraded_group_photo")
 
 
 @pytest.fixture(scope="module")

@@ -140,7 +140,7 @@ def test_offset_selects_a_file_range_with_the_same_degraded_inputs(tmp_path, pai
         part = _eval(tmp_path / f"part_{deg}", offset=2, limit=3, **kw)
         assert part["num_images"] == 3, part
         assert rows(tmp_path / f"part_{deg}") == rows(tmp_path / f"all_{deg}")[2:5]
-    tail = _eval(tmp_path / "tail", source="folder", data_root=str(folder), offset=4)
+    _eval(tmp_path / "tail", source="folder", data_root=str(folder), offset=4)
     assert [r.split(",")[0] for r in rows(tmp_path / "tail")] == ["f4.png", "f5.png"]
     root, _, _ = paired
     both = _eval(tmp_path / "pairs", source="paired", lr_dir=str(root / "lr"),

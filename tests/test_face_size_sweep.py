@@ -9,10 +9,8 @@ bicubic baseline, not what a trained model gains.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import pathlib
 
 import numpy as np
 import pytest
@@ -21,16 +19,11 @@ from PIL import Image
 from progsr_jax.errors import UserError, run_cli
 from progsr_jax.evaluation import sweep_plot
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("face_size_sweep",
-                                                  REPO / "tools" / "face_size_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def tool(tool_module):
+    return tool_module("face_size_sweep")
 
 
 def _face(seed: int = 0, size: int = 128) -> np.ndarray:
