@@ -88,8 +88,8 @@ reach held-out NME64 24.7% / 23.6%, val 23.7% / 22.9% (NME128 26.4% on all
 780); 500 iterations (the 8,000 images of ``:cpu``; 8 min 41 s) 34.6% / 33.5%
 held-out, 34.1% / 33.2% val.
 
-Every field is below; :mod:`progsr_jax.training.distill_config` checks them
-and :mod:`progsr_jax.training.distill` says what the run writes.
+Every field is below; :mod:`progsr_jax.training.distill.config` checks them
+and :mod:`progsr_jax.training.distill.trainer` says what the run writes.
 """
 
 import ml_collections

@@ -30,7 +30,7 @@ Variants (``--config=configs/step3.py:<variant>``):
   iterations per stage: every code path in a couple of minutes; for tests.
 
 Degraded inputs (``data.degradation``, :mod:`progsr_jax.data.degradation`;
-the presets are :data:`progsr_jax.data.degradation_spec.PRESETS`).
+the presets are :data:`progsr_jax.data.degradation.PRESETS`).
 ``preset='none'`` (default) is the paper's clean chain, bit for bit.  Any other
 preset makes each 16x16 input from the 128x128 image at batch time, drawn from
 ``(seed, step, position in the global batch)``: blur at 128 px, resize to 16
@@ -71,7 +71,7 @@ kernels, and its random order of the final resize and JPEG.
 [3] Zhang et al., BSRGAN, ICCV 2021 (utils_blindsr.degradation_bsrgan).
 
 Every field can be changed with ``--config.<field>=<value>``;
-:mod:`progsr_jax.training.sr_config` checks them.
+:mod:`progsr_jax.training.sr.config` checks them.
 """
 
 import ml_collections
@@ -151,7 +151,7 @@ def get_config(variant="paper"):
     # fly (module docstring); every field overrides the preset's value.
     c.data.degradation = degradation.config_fields("none")
 
-    # ---- validation (progsr_jax.training.sr_validation): PSNR/SSIM of the model
+    # ---- validation (progsr_jax.training.sr.validation): PSNR/SSIM of the model
     # and of bicubic on held-out faces (CelebA's validation partition, other
     # synthetic seeds, or the images under val.root for a folder source)
     c.eval_every = 5_000  # and at the end of every stage

@@ -7,7 +7,7 @@
     python -m progsr_jax.bench --mode=data --degradation=real --steps=50   # degraded batches
     python -m progsr_jax.bench --suite [--out=bench.jsonl]     # JAX vs PyTorch, stages 1-3
 
-Training mode times the real jitted iteration of ``progsr_jax.training.sr`` (G update
+Training mode times the real jitted iteration of ``progsr_jax.training.sr.trainer`` (G update
 with pixel, perceptual, adversarial, heatmap and attention losses, then the D
 update with WGAN-GP) at the given stage, alpha < 1 at stages 2-3 (the fade-in
 path, the most expensive), FAN weights random (speed does not depend on them).
@@ -95,11 +95,12 @@ def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan, d_w
     import jax
     import numpy as np
 
-    from progsr_jax import models, vgg
-    from progsr_jax.fan import StudentFAN
+    from progsr_jax.nets import gan, vgg
+    from progsr_jax.nets.fan import StudentFAN
     from progsr_jax.training import config as config_files
-    from progsr_jax.training import core, sr_config
-    from progsr_jax.training import sr as train
+    from progsr_jax.training import core
+    from progsr_jax.training.sr import config as sr_config
+    from progsr_jax.training.sr import trainer as train
 
     config = config_files.load("step3.py")
     config.batch_size = batch_size
@@ -118,7 +119,7 @@ def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan, d_w
     fan = StudentFAN()
     fan_vars = jax.device_put(fan.init(jax.random.PRNGKey(1),
                                        np.zeros((1, 64, 64, 3), np.float32)), rep)
-    res = models.output_size(stage)
+    res = gan.output_size(stage)
     rng = np.random.default_rng(0)
     batch = {"lr": rng.uniform(-1, 1, (batch_size, 16, 16, 3)).astype(np.float32),
              "hr": rng.uniform(-1, 1, (batch_size, res, res, 3)).astype(np.float32)}
@@ -204,10 +205,10 @@ def bench_jax_inference(batch_size, steps, warmup, dtype, width):
     import jax
     import numpy as np
 
-    from progsr_jax import models
     from progsr_jax.inference import SuperResolver
+    from progsr_jax.nets import gan
 
-    _, variables = models.init_generator(jax.random.PRNGKey(0), width)
+    _, variables = gan.init_generator(jax.random.PRNGKey(0), width)
     sr = SuperResolver(variables, 3, 1.0, width, dtype)
     x = np.random.default_rng(0).uniform(-1, 1, (batch_size, 16, 16, 3)).astype(np.float32)
     t0 = time.perf_counter()
@@ -235,15 +236,16 @@ def bench_export(steps, warmup, width, batch_sizes=(1, 64)):
     import jax
     import numpy as np
 
-    from progsr_jax import export, models
+    from progsr_jax import export
     from progsr_jax.inference import SuperResolver
+    from progsr_jax.nets import gan
 
     try:
         import onnxruntime
     except ImportError:
         raise UserError("--mode=export needs onnxruntime: pip install 'progsr_jax[export]'") \
             from None
-    _, variables = models.init_generator(jax.random.PRNGKey(0), width)
+    _, variables = gan.init_generator(jax.random.PRNGKey(0), width)
     sr = SuperResolver(variables, 3, 1.0, width)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, export.FILES["onnx"])
@@ -280,11 +282,11 @@ def bench_torch(stage, batch_size, steps, warmup, width, use_fan, mode, threads)
         import torch
     except ImportError:
         raise UserError("--torch needs PyTorch: pip install 'progsr_jax[torch]'") from None
-    from progsr_jax import models, vgg
     from progsr_jax.interop.pytorch import reference as tr
     from progsr_jax.interop.pytorch.fan4 import FanSqueeze
+    from progsr_jax.nets import gan, vgg
     from progsr_jax.training import config as config_files
-    from progsr_jax.training import sr_config
+    from progsr_jax.training.sr import config as sr_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -320,7 +322,7 @@ def bench_torch(stage, batch_size, steps, warmup, width, use_fan, mode, threads)
     d_opt = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.99))
     paper = config_files.load("step3.py")
     weights = {k: sr_config.loss_weights(paper, k) for k in (1, 2, 3)}
-    res = models.output_size(stage)
+    res = gan.output_size(stage)
     lr_img = torch.rand(batch_size, 3, 16, 16, device=dev) * 2 - 1
     hr_img = torch.rand(batch_size, 3, res, res, device=dev) * 2 - 1
     alpha = 0.5 if stage > 1 else 1.0

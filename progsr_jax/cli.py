@@ -30,8 +30,11 @@ import sys
 from typing import Callable, Sequence
 
 from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
 
 from progsr_jax.errors import UserError, run_cli
+from progsr_jax.training import config as config_files
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
@@ -68,8 +71,6 @@ def _parse(argv, define, doc, config) -> tuple[flags.FlagValues, list[str]]:
     fv = flags.FlagValues()
     define(fv)
     if config:
-        from ml_collections import config_flags
-
         argv = _resolve_recipe(argv)
 
         config_flags.DEFINE_config_file("config", None, f"configuration file, e.g. {config}",
@@ -92,15 +93,13 @@ def _parse(argv, define, doc, config) -> tuple[flags.FlagValues, list[str]]:
 
 def _resolve_recipe(argv: list[str]) -> list[str]:
     """``--config=configs/step3.py[:variant]`` that is not on disk -> the installed recipe
-    (:func:`progsr_jax.recipes.resolve`); other arguments unchanged."""
-    from progsr_jax import recipes
-
+    (:func:`progsr_jax.training.config.resolve`); other arguments unchanged."""
     out = list(argv)
     for i, arg in enumerate(out):
         if arg.startswith("--config="):
-            out[i] = "--config=" + recipes.resolve(arg[len("--config="):])
+            out[i] = "--config=" + config_files.resolve(arg[len("--config="):])
         elif arg == "--config" and i + 1 < len(out):
-            out[i + 1] = recipes.resolve(out[i + 1])
+            out[i + 1] = config_files.resolve(out[i + 1])
     return out
 
 
@@ -150,8 +149,6 @@ def named_checkpoints(values: Sequence[str], reserved: Sequence[str] = ()) -> li
 
 def quiet_libraries() -> None:
     """Keeps Orbax's and absl's INFO lines off the console."""
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
 

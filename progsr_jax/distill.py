@@ -9,7 +9,7 @@ r"""Distil the landmark network ("fan_squeeze" student) from precomputed teacher
 The teacher heatmaps come from ``tools/convert_fan_weights.py teacher-heatmaps``.
 Re-running the same command resumes.  Several hosts: the same command on every
 host with ``--multihost`` (as for ``python -m progsr_jax.main``).  What the run
-writes: :mod:`progsr_jax.training.distill`.
+writes: :mod:`progsr_jax.training.distill.trainer`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from absl import flags
 from progsr_jax import cli
 from progsr_jax.errors import UserError
 from progsr_jax.training import distributed
+from progsr_jax.training.distill import trainer as distill
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -36,7 +37,6 @@ def main(argv=None) -> int:
     if fv.eval_only and fv.multihost:
         raise UserError("--eval_only runs on one process; leave out --multihost")
     distributed.initialize(fv)
-    from progsr_jax.training import distill
 
     if fv.eval_only:
         distill.evaluate_only(fv.config, fv.workdir, fv.fan)

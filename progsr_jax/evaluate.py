@@ -67,7 +67,8 @@ from typing import Sequence
 from absl import flags
 
 from progsr_jax import cli
-from progsr_jax.evaluation import crops, sr
+from progsr_jax.data import crops
+from progsr_jax.evaluation import sr
 
 
 def define(fv: flags.FlagValues) -> None:

@@ -7,7 +7,7 @@ Usage::
         [--crop_scale=1.9] [--crop_shift=0.17] [--limit=N] [--output=DIR]
 
 ``--fan``/``--reference_fan`` are converted FAN folders
-(:func:`progsr_jax.fan.load`).  ``--data_root`` is a folder of images
+(:func:`progsr_jax.nets.fan.load`).  ``--data_root`` is a folder of images
 (searched recursively) with 300-W ``.pts`` files beside them (0-based pixel
 coordinates), e.g. ``shared/data/faces68`` or one of its ``afw``,
 ``helen_train``, ``ffhq`` subfolders.
@@ -15,7 +15,7 @@ coordinates), e.g. ``shared/data/faces68`` or one of its ``afw``,
 Each image is cropped to a square (``--crop=landmarks``, the default: side =
 ``--crop_scale`` x the larger side of the ground-truth landmarks' bounding
 box, centred ``--crop_shift`` x side above the box centre - the framing of
-the CelebA crops, see :data:`progsr_jax.evaluation.crops.DEFAULT_CROP_SCALE`
+the CelebA crops, see :data:`progsr_jax.data.crops.DEFAULT_CROP_SCALE`
 -, black outside the photo; ``square``: the image's center square;
 ``celeba``: the 178x178 center crop), resized to 128 with PIL
 bilinear and, for ``--size=64``, on to 64 (the same chain as the training
@@ -24,7 +24,7 @@ mapped into that image with the same geometry as the resize (pixel centres
 at integers: ``p' = (p - corner + 0.5) * size / side - 0.5``).
 
 The network's heatmaps are decoded with
-:func:`progsr_jax.landmarks.heatmaps_to_landmarks` (argmax +- 0.25 px,
+:func:`progsr_jax.fan_lib.heatmaps_to_landmarks` (argmax +- 0.25 px,
 0-based pixel-index coordinates) and rescaled to ``size`` if the heatmaps
 have another resolution.  NME (paper Table 1) = mean over the 68 points of
 ``||p - g||_2 / size``.  Reported: NME against the ground truth (images with
@@ -40,7 +40,7 @@ from typing import Sequence
 from absl import flags
 
 from progsr_jax import cli
-from progsr_jax.evaluation import crops
+from progsr_jax.data import crops
 from progsr_jax.evaluation.landmarks import CROPS, SIZES, evaluate_landmarks
 
 

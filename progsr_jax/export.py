@@ -37,15 +37,18 @@ records the stage, alpha and output size).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
 import platform
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 from absl import flags
 
-from progsr_jax import cli
+from progsr_jax import __version__, cli, inference
 from progsr_jax.errors import UserError
 
 FORMATS = ("onnx", "stablehlo")
@@ -102,8 +105,6 @@ def finished(sr) -> bool:
 def generator_fn(sr):
     """``lr -> sr`` of a loaded :class:`~progsr_jax.inference.SuperResolver` in eval mode,
     with its variables, stage and alpha as constants."""
-    import jax.numpy as jnp
-
     variables, stage, alpha = sr.variables, sr.stage, sr.alpha
 
     def generate(x):
@@ -114,11 +115,6 @@ def generator_fn(sr):
 
 def contract(sr, fmt: str, batch: int | None, checkpoint: str, extra: dict) -> dict:
     """The JSON contract that sits beside an artefact."""
-    import jax
-    import jax.numpy as jnp
-
-    from progsr_jax import __version__
-
     n = "batch" if batch is None else batch
     size = sr.output_size
     return {
@@ -144,14 +140,19 @@ def contract(sr, fmt: str, batch: int | None, checkpoint: str, extra: dict) -> d
     }
 
 
-def export_onnx(fn, batch: int | None, path: str) -> dict:
-    """Writes ``fn`` as an ONNX model; returns the contract's converter fields."""
-    try:
+def onnx_converter():
+    """``(onnx, jax2onnx.to_onnx)``; a one-line UserError saying how to install them."""
+    try:  # optional: the `export` extra and jax2onnx, needed for ONNX only
         import onnx
         from jax2onnx import to_onnx
     except ImportError:
         raise UserError(NEEDS_CONVERTER) from None
-    import importlib.metadata
+    return onnx, to_onnx
+
+
+def export_onnx(fn, batch: int | None, path: str) -> dict:
+    """Writes ``fn`` as an ONNX model; returns the contract's converter fields."""
+    onnx, to_onnx = onnx_converter()
 
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # "value type ... not known" notes
     shape = ("batch" if batch is None else batch, 16, 16, 3)
@@ -165,9 +166,6 @@ def export_onnx(fn, batch: int | None, path: str) -> dict:
 
 def export_stablehlo(fn, batch: int | None, path: str, platforms: Sequence[str]) -> dict:
     """Writes ``jax.export(jax.jit(fn))`` serialized; returns the contract's fields."""
-    import jax
-    import jax.numpy as jnp
-
     shape = jax.export.symbolic_shape("batch, 16, 16, 3") if batch is None else (batch, 16, 16, 3)
     exp = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
         jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -206,13 +204,7 @@ def export(checkpoint: str, output: str, formats: Sequence[str] = FORMATS,
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"--output={out} is not writable")
     if "onnx" in formats:  # a missing converter stops before the slow load
-        try:
-            import jax2onnx  # noqa: F401
-            import onnx  # noqa: F401
-        except ImportError:
-            raise UserError(NEEDS_CONVERTER) from None
-
-    from progsr_jax import inference
+        onnx_converter()
 
     sr = inference.load(checkpoint)
     if not finished(sr) and not partial:

@@ -11,7 +11,7 @@ Usage::
 
 ``--exported=DIR`` runs a model written by ``python -m progsr_jax.export``
 instead of a checkpoint (``DIR/model.onnx`` in onnxruntime, else
-``DIR/model.stablehlo``; :mod:`progsr_jax.exported`), with the same file handling.
+``DIR/model.stablehlo``; :mod:`progsr_jax.inference.serialized`), with the same file handling.
 
 ``--source=tfds`` super-resolves CelebA's ``--split`` read through TensorFlow
 Datasets (the paper's test set: ``--split=test``) with the training
@@ -85,7 +85,7 @@ N largest faces; ``--only_center_face`` keeps the face nearest the photo's
 centre; ``--detector_weights=DIR`` reads ``pnet.pt``/``rnet.pt``/``onet.pt``
 from a folder instead of the installed facenet-pytorch wheel.
 
-``--max_face`` (default 22, :data:`progsr_jax.photo.pipeline.DEFAULT_MAX_FACE`):
+``--max_face`` (default 22, :data:`progsr_jax.photo.restoration.DEFAULT_MAX_FACE`):
 a face whose aligned crop spans more photo pixels is left exactly as it is
 (not restored, not pasted; ``auto`` ignores it when choosing the scale), and
 faces.json lists it with ``"restored": false``, its ``span`` and the
@@ -101,13 +101,14 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from progsr_jax import batching, cli, data
-from progsr_jax import exported as exported_model
-from progsr_jax.data.loading import loaded_batches, make_writable_dir
+from progsr_jax import cli, data, inference
+from progsr_jax.data import crops
+from progsr_jax.data.reading import loaded_batches, make_writable_dir
 from progsr_jax.errors import UserError
-from progsr_jax.evaluation import crops
-from progsr_jax.photo.files import (  # noqa: F401 - the file handling, re-exported
-    faces_json_text, open_photo, plan_outputs, plan_photo_outputs, report, restore_files)
+from progsr_jax.inference import batching
+from progsr_jax.inference import serialized as exported_model
+from progsr_jax.photo import detection, folders
+from progsr_jax.photo import restoration as pipeline
 
 MODES = ("downsample", "lowres", "photo")
 
@@ -184,7 +185,6 @@ def load_model(checkpoint: str | None):
                         "directory or a converted official checkpoint)")
     if not os.path.exists(checkpoint):
         raise UserError(f"--checkpoint not found: {checkpoint}")
-    from progsr_jax import inference
 
     return inference.load(checkpoint)
 
@@ -195,14 +195,12 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
               only_center_face: bool = False, detector_weights: str | None = None,
               batch_size: int = 16, workers: int = 2, progress: bool = True, log=print) -> dict:
     """``--mode=photo``: :func:`progsr_jax.photo.restore_photo` on every photo, files written
-    (:func:`progsr_jax.photo.files.restore_files`, which tells what it returns)."""
-    from progsr_jax.photo import detection, pipeline
-
+    (:func:`progsr_jax.photo.folders.restore_files`, which tells what it returns)."""
     upscale = pipeline.parse_upscale(upscale)
     max_face = pipeline.DEFAULT_MAX_FACE if max_face is None else max_face
     if max_face < 0:
         raise UserError(f"--max_face must be >= 0 (0: restore every face), got {max_face:g}")
-    out_root, plan = plan_photo_outputs(input_path, output)
+    out_root, plan = folders.plan_photo_outputs(input_path, output)
     if max_faces is not None and max_faces < 1:
         raise UserError(f"--max_faces must be at least 1, got {max_faces}")
     detector = detection.Detector(detector_weights, min_face=min_face)  # weights missing: stop here
@@ -211,7 +209,7 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
         raise UserError(f"--mode=photo needs a stage-3 model (128x128 outputs); {checkpoint} "
                         f"makes {model.output_size}x{model.output_size}")
     make_writable_dir(out_root, f"--output={out_root}")
-    return restore_files(model, detector, out_root, plan, upscale=upscale, max_faces=max_faces,
+    return folders.restore_files(model, detector, out_root, plan, upscale=upscale, max_faces=max_faces,
                          max_face=max_face, only_center_face=only_center_face,
                          batch_size=batch_size,
                          workers=workers, progress=progress, log=log)
@@ -266,7 +264,7 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
                             "--mode=downsample")
         plan, loader = plan_tfds(split, output, limit, data_root, log)
     else:
-        plan, loader = plan_outputs(input_path, output), _InputLoader(mode, crop)
+        plan, loader = folders.plan_outputs(input_path, output), _InputLoader(mode, crop)
     folder = os.path.dirname(plan[0][1])
     make_writable_dir(folder, folder)
     model = exported_model.load(exported) if exported else load_model(checkpoint)
@@ -285,7 +283,7 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
                 written.append(out)
             except OSError as e:
                 skipped.append((path, f"cannot write {out}: {e.strerror or e}"))
-    report(written, skipped, f"wrote {len(written)} of {len(plan)} image(s) "
+    folders.report(written, skipped, f"wrote {len(written)} of {len(plan)} image(s) "
            f"({model.output_size}x{model.output_size} PNG)", log)
     dest = os.path.dirname(plan[0][1]) if len(plan) == 1 else os.path.abspath(output)
     log(f"output: {written[0] if len(plan) == 1 else dest}")

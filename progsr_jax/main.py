@@ -17,6 +17,7 @@ from absl import flags
 
 from progsr_jax import cli
 from progsr_jax.training import distributed
+from progsr_jax.training.sr import trainer as sr
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -29,7 +30,6 @@ def main(argv=None) -> int:
     fv = cli.parse(argv, define, __doc__, config="configs/step3.py[:paper|cpu|demo|smoke]")
     cli.require(fv, "workdir")
     distributed.initialize(fv)
-    from progsr_jax.training import sr
 
     sr.train_and_evaluate(fv.config, fv.workdir)
     return 0

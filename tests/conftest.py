@@ -7,12 +7,21 @@ when they are absent, so a fresh clone still passes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 
+import jax
+import numpy as np
 import pytest
 
+from progsr_jax import data
+from progsr_jax.data import teacher
+from progsr_jax.inference import checkpoints as checkpoint
+from progsr_jax.nets import gan
+from progsr_jax.nets.fan import StudentFAN
 from progsr_jax.training import config as config_files
+from progsr_jax.training.distill import state as distill_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("PROGSR_SHARED", REPO.parent / "shared"))
@@ -71,12 +80,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A sixteenth-width step-3 generator (random weights) saved as a converted checkpoint."""
-    import jax
-
-    from progsr_jax import models
-    from progsr_jax import checkpoints as checkpoint
-
-    _, variables = models.init_generator(0, width=0.0625)
+    _, variables = gan.init_generator(0, width=0.0625)
     path = tmp_path_factory.mktemp("tiny_generator") / "ckpt"
     meta = {"stage": 3, "alpha": 1.0, "iteration": 0, "width": 0.0625, "dtype": "float32",
             "format": checkpoint.FORMAT}
@@ -86,8 +90,6 @@ def tiny_checkpoint(tmp_path_factory):
 
 def load_tool(name: str):
     """``tools/<name>.py`` as a module (tools are scripts, not package modules)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -116,8 +118,6 @@ class _FakeSR:
         self.calls = []
 
     def __call__(self, x):
-        import numpy as np
-
         x = np.asarray(x, np.float32)
         assert x.shape[1:] == (16, 16, 3) and -1.0 <= x.min() and x.max() <= 1.0
         self.calls.append(x.shape[0])
@@ -132,10 +132,6 @@ def fake_sr_type():
 
 def _write_teacher(directory, files, heatmaps, teacher_name="synthetic-random", crop="none"):
     """A complete teacher folder (the format of progsr_jax.data.teacher) holding ``heatmaps``."""
-    import numpy as np
-
-    from progsr_jax.data import teacher
-
     os.makedirs(directory, exist_ok=True)
     n = len(files)
     with open(os.path.join(directory, teacher.FILES_FILE), "w") as f:
@@ -163,13 +159,6 @@ def write_teacher():
 def synthetic_teacher(tmp_path_factory):
     """Teacher heatmaps of a random StudentFAN (width 0.25) on the distillation smoke config's
     32 faces."""
-    import jax
-    import numpy as np
-
-    from progsr_jax import data
-    from progsr_jax.fan import StudentFAN
-    from progsr_jax.training import distill_state
-
     tmp = tmp_path_factory.mktemp("teacher")
     c = config_files.load("distill_fan.py", "smoke")
     c.data.cache_dir = str(tmp / "cache")

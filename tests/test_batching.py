@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tomllib
 
+import jax
 import numpy as np
 import pytest
+import tomllib
 from PIL import Image
 
-from progsr_jax import batching, data, grid, models, recipes
+from progsr_jax import data
+from progsr_jax.errors import UserError
+from progsr_jax.inference import SuperResolver, batching, grid
+from progsr_jax.nets import gan
+from progsr_jax.training import config as config_files
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -28,19 +33,15 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def tiny_sr():
-    import jax
-
-    from progsr_jax.inference import SuperResolver
-
-    _, variables = models.init_generator(jax.random.PRNGKey(3), width=0.125)
+    _, variables = gan.init_generator(jax.random.PRNGKey(3), width=0.125)
     return SuperResolver(jax.device_get(variables), 2, 0.5, width=0.125)
 
 
 def test_output_size_and_batch_rows():
-    assert [models.output_size(s) for s in (0, 1, 2, 3)] == [16, 32, 64, 128]
-    assert [models.stage_of_size(s) for s in (16, 32, 64, 128)] == [0, 1, 2, 3]
+    assert [gan.output_size(s) for s in (0, 1, 2, 3)] == [16, 32, 64, 128]
+    assert [gan.stage_of_size(s) for s in (16, 32, 64, 128)] == [0, 1, 2, 3]
     with pytest.raises(ValueError):
-        models.stage_of_size(100)
+        gan.stage_of_size(100)
     assert [batching.batch_rows(n, 16) for n in (1, 2, 3, 5, 9, 16, 40)] == [1, 2, 4, 8, 16, 16, 16]
     assert [batching.batch_rows(n, 8, smallest=8) for n in (1, 5, 8)] == [8, 8, 8]
     assert batching.batch_rows(3, 6) == 4 and batching.batch_rows(5, 6) == 6
@@ -67,7 +68,6 @@ def test_super_resolve_pads_chunks_and_keeps_the_dtype_convention(tiny_sr):
     assert batching.super_resolve(rec, np.zeros((0, 16, 16, 3), np.uint8)).shape == (0, 64, 64, 3)
     # the method runs the same path
     np.testing.assert_array_equal(tiny_sr.super_resolve(lr, 4), out)
-    from progsr_jax.errors import UserError
     with pytest.raises(UserError, match=r"\(N, 16, 16, 3\)"):
         batching.super_resolve(tiny_sr, np.zeros((2, 32, 32, 3), np.uint8))
     with pytest.raises(UserError, match="batch_size"):
@@ -75,16 +75,14 @@ def test_super_resolve_pads_chunks_and_keeps_the_dtype_convention(tiny_sr):
 
 
 def test_stage_names(tiny_sr):
-    import jax
-
+    """``stage`` is the resolution step (1-3) everywhere; ``step`` is not another name for it."""
     assert tiny_sr.stage == 2 and tiny_sr.output_size == 64
-    with pytest.warns(DeprecationWarning):
-        assert tiny_sr.step == 2
+    assert not hasattr(tiny_sr, "step")
     x = np.zeros((1, 16, 16, 3), np.float32)
-    a = tiny_sr.model.apply(jax.device_get(tiny_sr.variables), x, stage=1, train=False)
-    b = tiny_sr.model.apply(jax.device_get(tiny_sr.variables), x, step=1, train=False)
-    assert a.shape == (1, 32, 32, 3)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    variables = jax.device_get(tiny_sr.variables)
+    assert tiny_sr.model.apply(variables, x, stage=1, train=False).shape == (1, 32, 32, 3)
+    with pytest.raises(TypeError):
+        tiny_sr.model.apply(variables, x, step=1, train=False)
 
 
 def test_bicubic_baseline_and_grid():
@@ -105,14 +103,14 @@ def test_bicubic_baseline_and_grid():
 
 def test_recipes_resolve_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    found = recipes.resolve("configs/step3.py:smoke")
+    found = config_files.resolve("configs/step3.py:smoke")
     assert found.endswith(os.path.join("configs", "step3.py") + ":smoke")
     assert os.path.isfile(found.rsplit(":", 1)[0])
-    assert os.path.isfile(recipes.resolve("step1.py"))
-    assert recipes.resolve("elsewhere/step3.py") == "elsewhere/step3.py"
+    assert os.path.isfile(config_files.resolve("step1.py"))
+    assert config_files.resolve("elsewhere/step3.py") == "elsewhere/step3.py"
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "step3.py").write_text("")
-    assert recipes.resolve("configs/step3.py") == "configs/step3.py"  # a file on disk wins
+    assert config_files.resolve("configs/step3.py") == "configs/step3.py"  # a file on disk wins
 
 
 def test_pyproject_lists_every_package():

@@ -6,14 +6,18 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="converting official checkpoints needs torch")
 
 from progsr_jax import inference  # noqa: E402
-from progsr_jax.training import checkpoint  # noqa: E402
+from progsr_jax.inference import checkpoints  # noqa: E402
 from progsr_jax.interop.pytorch import reference as tr  # noqa: E402
+from progsr_jax.training import config as config_files  # noqa: E402
+from progsr_jax.training import resume  # noqa: E402
+from progsr_jax.training.sr import trainer as train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -41,7 +45,7 @@ def test_converted_generator_matches_pytorch(tmp_path, step, alpha, prefix):
     torch.save({"step": step, "alpha": alpha, "iteration": 1234, "model_state_dict": sd}, path)
     assert tool.main(["convert_pfsr_checkpoint.py", "--generator", str(path), "--output", str(tmp_path / "out")]) == 0
     sr = inference.load(str(tmp_path / "out"))
-    assert (sr.step, sr.alpha, sr.iteration) == (step, alpha, 1234)
+    assert (sr.stage, sr.alpha, sr.iteration) == (step, alpha, 1234)
     x = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
     with torch.no_grad():
         want = g(torch.from_numpy(x.transpose(0, 3, 1, 2)), step, alpha).numpy()
@@ -58,17 +62,15 @@ def test_discriminator_is_converted_and_seeds_training(tmp_path):
                tmp_path / "d.ckpt")
     tool.main(["convert_pfsr_checkpoint.py", "--generator", str(tmp_path / "g.ckpt"), "--discriminator",
                str(tmp_path / "d.ckpt"), "--output", str(tmp_path / "out")])
-    disc = checkpoint.load_discriminator(str(tmp_path / "out"))
+    disc = checkpoints.load_discriminator(str(tmp_path / "out"))
     np.testing.assert_allclose(disc["params"]["linear2"]["weight"],
                                d.linear2.weight.detach().numpy().T, atol=0)
     # Fine-tuning start: a fresh training state takes G and D from the converted checkpoint.
-    import jax
-    from progsr_jax.training import config as config_files
-    from progsr_jax.training import sr as train
+
     c = config_files.load("step3.py")
     c.model.width = 0.25
     state, _, _ = train.create_train_state(c, jax.random.PRNGKey(0))
-    state = checkpoint.init_from_pretrained(state, str(tmp_path / "out"))
+    state = resume.init_from_pretrained(state, str(tmp_path / "out"))
     np.testing.assert_allclose(state.d_params["linear2"]["weight"],
                                d.linear2.weight.detach().numpy().T)
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from progsr_jax import data
-from progsr_jax.data import BadImage, Dataset
+from progsr_jax.data import BadImage, Dataset, synthetic
 from progsr_jax.errors import UserError
 
 
@@ -384,8 +384,6 @@ def test_measure_throughput_is_positive():
 
 
 def test_build_synthetic(tmp_path):
-    from progsr_jax.data import synthetic
-
     c = cfg(source="synthetic", num_synthetic=6, seed=3, cache_dir=str(tmp_path))
     ds = data.build_dataset(c, progress=False, log=lambda s: None)
     assert len(ds) == 6 and ds.landmarks.shape == (6, 68, 2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from progsr_jax import data
+from progsr_jax import bench, data
 from progsr_jax.data import degradation as deg
 from progsr_jax.errors import UserError
 from progsr_jax.training import config as config_files
@@ -217,8 +217,6 @@ def test_presets_and_overrides_from_the_command_line_config():
 
 
 def test_bench_data_mode_reports_degraded_images_per_second():
-    from progsr_jax import bench
-
     out = bench.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", threads=2)
     for key in ("clean_images_per_sec", "degraded_images_per_sec_1_thread",
                 "degraded_images_per_cpu_sec", "degraded_images_per_sec_2_threads"):

@@ -7,14 +7,12 @@ The model is ``conftest.py``'s tiny random generator: this checks the files, not
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from progsr_jax.errors import UserError, run_cli
 from progsr_jax.photo import mtcnn
-
 
 
 @pytest.fixture(scope="module")

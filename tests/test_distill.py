@@ -19,13 +19,27 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
+from flax import serialization
 
-from progsr_jax import landmarks
-from progsr_jax.data import teacher
+from progsr_jax.data import synthetic, teacher
 from progsr_jax.errors import UserError
-from progsr_jax.training import distill_validation as teacher_nme
+from progsr_jax.inference import checkpoints
+from progsr_jax.nets import fan as fan_lib
+from progsr_jax.nets import losses
+from progsr_jax.nets.fan import StudentFAN
 from progsr_jax.training import config as config_files
-from progsr_jax.training import distill, distill_config, distill_data, distill_step
+from progsr_jax.training import resume
+from progsr_jax.training.distill import augment as distill_augment
+from progsr_jax.training.distill import config as distill_config
+from progsr_jax.training.distill import conv_taps
+from progsr_jax.training.distill import data as distill_data
+from progsr_jax.training.distill import optim as distill_optim
+from progsr_jax.training.distill import state as distill_state
+from progsr_jax.training.distill import step as distill_step
+from progsr_jax.training.distill import trainer as distill
+from progsr_jax.training.distill import validation as teacher_nme
+from progsr_jax.training.sr import trainer as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +90,7 @@ def test_smoke_end_to_end(trained):
     assert os.path.isfile(one / "samples" / "landmarks_0000012.png")
 
     # the workdir is a converted-FAN folder
-    fan = landmarks.load(one)
+    fan = fan_lib.load(one)
     assert fan.meta["step"] == 12 and fan.meta["final"] and fan.meta["width"] == 0.125
     assert fan(np.zeros((2, 64, 64, 3), np.float32)).shape == (2, 64, 64, 68)
     # ... holding the moving average of the weights (the smoke variant keeps one; :cpu does not)
@@ -96,8 +110,6 @@ def test_smoke_end_to_end(trained):
 @pytest.mark.slow
 def test_student_plugs_into_super_resolution_training(tmp_path, trained, tiny_config):
     """--config.fan.checkpoint=<distillation workdir>: the heatmap and attention losses use it."""
-    from progsr_jax.training import sr as train
-
     _, one, _ = trained
     c = tiny_config(final_stage=2, stage_steps=(1, 2, 0))
     c.data.cache_dir = str(tmp_path / "cache")
@@ -113,12 +125,12 @@ def test_resume_is_exact(tmp_path, trained):
     """Stopped at 6 and resumed: the same weights, optimiser and EMA state, bit for bit, as
     the uninterrupted run (the augmentation is drawn from (seed, step))."""
     c, _, state = trained
-    assert distill_step.uses_augmentation(c) and c.augment.flip and distill_step.uses_ema(c)
+    assert distill_augment.uses_augmentation(c) and c.augment.flip and distill_state.uses_ema(c)
     c = c.copy_and_resolve_references()
     c.val.sizes = (64,)  # validation does not touch the training state; keep this test short
     two = tmp_path / "two"
     half = distill.train_and_evaluate(c, str(two), stop_after=6)
-    assert int(half.step) == 6 and landmarks.load(two).meta["final"] is False
+    assert int(half.step) == 6 and fan_lib.load(two).meta["final"] is False
     resumed = distill.train_and_evaluate(c, str(two))  # the same command again
     assert int(resumed.step) == 12
     for a, b in zip(_leaves(state), _leaves(resumed)):
@@ -132,19 +144,14 @@ def test_resume_is_exact(tmp_path, trained):
 
 
 def test_ema_round_trips_through_a_checkpoint(trained):
-    from flax import serialization
-
-    from progsr_jax.fan import StudentFAN
-    from progsr_jax.training import checkpoint as ckpt_lib
-
     c, one, state = trained
     module = StudentFAN(width=c.model.width)
     # ema_t = d_t ema_{t-1} + (1 - d_t) w_t, d_t = min(ema_decay, (1 + t) / (10 + t))
-    assert float(distill_step.ema_decay_at(c, 0)) == pytest.approx(0.1)
-    assert float(distill_step.ema_decay_at(c, 10 ** 6)) == pytest.approx(c.ema_decay)
-    assert distill_step.student_variables(state) is state.ema
-    mgr = ckpt_lib.manager(str(one), c.keep_checkpoints, create=False)
-    restored = ckpt_lib.restore_latest(mgr, distill_step.create_state(c, module))
+    assert float(distill_state.ema_decay_at(c, 0)) == pytest.approx(0.1)
+    assert float(distill_state.ema_decay_at(c, 10 ** 6)) == pytest.approx(c.ema_decay)
+    assert distill_state.student_variables(state) is state.ema
+    mgr = checkpoints.manager(str(one), c.keep_checkpoints, create=False)
+    restored = resume.restore_latest(mgr, distill_state.create_state(c, module))
     mgr.close()
     assert int(restored.step) == 12 and restored.ema is not None
     for a, b in zip(_leaves(state), _leaves(restored)):
@@ -153,7 +160,7 @@ def test_ema_round_trips_through_a_checkpoint(trained):
     # existed: checkpoints of format progsr_jax/distill/1 still resume
     c = c.copy_and_resolve_references()
     c.ema_decay = 0.0
-    plain = distill_step.create_state(c, module)
+    plain = distill_state.create_state(c, module)
     assert plain.ema is None
     assert set(serialization.to_state_dict(plain)) == {"step", "params", "batch_stats",
                                                        "opt_state"}
@@ -174,22 +181,20 @@ def test_flip_gives_the_landmarks_of_the_flipped_face():
     """Mirroring an image and its teacher heatmaps (channels permuted, then flipped)
     gives heatmaps whose landmarks are those of the mirrored face: point k at
     (W - 1 - x, y) of the original's point FLIP_PERMUTATION[k]."""
-    from progsr_jax.data import synthetic
-
-    perm = distill_step.FLIP_PERMUTATION
+    perm = distill_augment.FLIP_PERMUTATION
     assert sorted(perm) == list(range(68)) and list(perm[perm]) == list(range(68))
     image, points = synthetic.make_face(synthetic.face_rng(0, 3), 64)
     x = image[None].astype(np.float32) / 255.0
     y = _gaussian_heatmaps(points.astype(np.float64))[None]
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    fx, fy = jax.jit(distill_step.transform)(x, y, one, zero, zero, np.ones(1, bool))
+    fx, fy = jax.jit(distill_augment.transform)(x, y, one, zero, zero, np.ones(1, bool))
     np.testing.assert_array_equal(np.asarray(fx), x[:, :, ::-1])  # an exact mirror
-    got = landmarks.heatmaps_to_landmarks(np.asarray(fy))[0]
+    got = fan_lib.heatmaps_to_landmarks(np.asarray(fy))[0]
     want = np.stack([63 - points[perm, 0], points[perm, 1]], axis=1)
     assert np.abs(got - want).max() <= 0.5  # argmax decoding: within half a pixel
     np.testing.assert_allclose(got, np.stack(
-        [63 - landmarks.heatmaps_to_landmarks(y)[0][perm, 0],
-         landmarks.heatmaps_to_landmarks(y)[0][perm, 1]], axis=1), atol=1e-6)
+        [63 - fan_lib.heatmaps_to_landmarks(y)[0][perm, 0],
+         fan_lib.heatmaps_to_landmarks(y)[0][perm, 1]], axis=1), atol=1e-6)
     # and they are a face in the 68-point layout again: image-left before image-right
     lx = got[:, 0]
     for left, right in ((0, 16), (17, 21), (21, 22), (22, 26), (36, 39), (39, 42), (42, 45),
@@ -197,7 +202,7 @@ def test_flip_gives_the_landmarks_of_the_flipped_face():
         assert lx[left] < lx[right], (left, right)
     # the unflipped examples of a batch are untouched
     x2, y2 = np.concatenate([x, x]), np.concatenate([y, y])
-    fx2, fy2 = distill_step.transform(x2, y2, np.ones(2, np.float32), np.zeros(2, np.float32),
+    fx2, fy2 = distill_augment.transform(x2, y2, np.ones(2, np.float32), np.zeros(2, np.float32),
                                       np.zeros(2, np.float32), np.array([False, True]))
     np.testing.assert_array_equal(np.asarray(fx2[0]), x[0])
     np.testing.assert_array_equal(np.asarray(fy2[0]), y[0])
@@ -205,29 +210,27 @@ def test_flip_gives_the_landmarks_of_the_flipped_face():
 
 
 def test_zoom_and_shift_move_image_and_heatmaps_alike():
-    from progsr_jax.data import synthetic
-
     image, points = synthetic.make_face(synthetic.face_rng(0, 5), 64)
     x = image[None].astype(np.float32) / 255.0
     y = _gaussian_heatmaps(points.astype(np.float64))[None]
     one, no = np.ones(1, np.float32), np.zeros(1, bool)
     # an integer shift moves the pixels (and so the landmarks) by whole pixels
-    sx, sy = distill_step.transform(x, y, one, np.full(1, 2.0, np.float32),
+    sx, sy = distill_augment.transform(x, y, one, np.full(1, 2.0, np.float32),
                                     np.full(1, -1.0, np.float32), no)
     np.testing.assert_array_equal(np.asarray(sx)[0, 5:-5, 5:-5], x[0, 6:-4, 3:-7])
-    got = landmarks.heatmaps_to_landmarks(np.asarray(sy))[0]
-    np.testing.assert_allclose(got, landmarks.heatmaps_to_landmarks(y)[0] + [2, -1], atol=1e-6)
+    got = fan_lib.heatmaps_to_landmarks(np.asarray(sy))[0]
+    np.testing.assert_allclose(got, fan_lib.heatmaps_to_landmarks(y)[0] + [2, -1], atol=1e-6)
     # a zoom by 1.1 about the centre moves each landmark to c + 1.1 (p - c)
-    zx, zy = distill_step.transform(x, y, np.full(1, 1.1, np.float32), np.zeros(1, np.float32),
+    zx, zy = distill_augment.transform(x, y, np.full(1, 1.1, np.float32), np.zeros(1, np.float32),
                                     np.zeros(1, np.float32), no)
-    got = landmarks.heatmaps_to_landmarks(np.asarray(zy))[0]
+    got = fan_lib.heatmaps_to_landmarks(np.asarray(zy))[0]
     assert np.abs(got - (31.5 + 1.1 * (points - 31.5))).max() <= 0.75
     assert np.asarray(zx).min() >= 0 and np.asarray(zx).max() <= 1
     # the random draw is a function of the key only
     c = distill_config_of("smoke")
     key = jax.random.fold_in(jax.random.key(c.seed), 7)
-    a = distill_step.augment(c, key, np.concatenate([x] * 4), np.concatenate([y] * 4))
-    b = distill_step.augment(c, key, np.concatenate([x] * 4), np.concatenate([y] * 4))
+    a = distill_augment.augment(c, key, np.concatenate([x] * 4), np.concatenate([y] * 4))
+    b = distill_augment.augment(c, key, np.concatenate([x] * 4), np.concatenate([y] * 4))
     for u, v in zip(a, b):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
@@ -271,15 +274,11 @@ def test_held_out_indices():
     assert list(teacher_nme.teacher_to_size(np.array([[0.0, 63.0]]), 128)[0]) == [0.5, 126.5]
 
 
-def test_celeba_released_teacher_matches_itself(tmp_path, celeba_root, distilled_fan_file):
+def test_celeba_released_teacher_matches_itself(tmp_path, celeba_root, distilled_fan_file,
+                                                convert_fan_tool):
     """The released FAN against its own heatmaps: NME ~ 0; real CelebA paths are matched."""
     pytest.importorskip("torch")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "convert_fan_weights", os.path.join(REPO, "tools", "convert_fan_weights.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = convert_fan_tool
     hm = tmp_path / "hm_val"
     tool.teacher_heatmaps(teacher="distilled", weights=str(distilled_fan_file),
                           data_root=str(celeba_root), split="val", limit=16, batch_size=16,
@@ -306,13 +305,9 @@ def test_celeba_released_teacher_matches_itself(tmp_path, celeba_root, distilled
 
 
 def test_tap_gradients_and_output_init():
-    from flax import linen as nn
-
-    from progsr_jax.fan import StudentFAN
-
     c = distill_config_of("smoke")
     module = StudentFAN(width=0.125)
-    state = distill_step.create_state(c, module)
+    state = distill_state.create_state(c, module)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
     y = jax.random.uniform(jax.random.PRNGKey(2), (2, 16, 16, 68))
 
@@ -322,7 +317,7 @@ def test_tap_gradients_and_output_init():
         return jax.numpy.mean((out - y) ** 2)
 
     def tap_loss(params):
-        with nn.intercept_methods(distill_step.tap_grad_interceptor):
+        with nn.intercept_methods(conv_taps.tap_grad_interceptor):
             return loss(params)
 
     want = jax.jit(jax.value_and_grad(loss))(state.params)
@@ -332,7 +327,7 @@ def test_tap_gradients_and_output_init():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
     c.model.output_init_scale = 0.01
-    small = distill_step.create_state(c, module)
+    small = distill_state.create_state(c, module)
     np.testing.assert_allclose(small.params["layers_9"]["weight"],
                                0.01 * np.asarray(state.params["layers_9"]["weight"]), rtol=1e-6)
     np.testing.assert_array_equal(small.params["layers_6"]["weight"],
@@ -340,13 +335,11 @@ def test_tap_gradients_and_output_init():
 
 
 def test_straight_through_output_gradient():
-    from progsr_jax.fan import StudentFAN
-
     c = distill_config_of("smoke")
     c.output_grad, c.conv_grad, c.kl_weight = "straight_through", "xla", 0.0
     c.augment.flip, c.augment.scale, c.augment.shift = False, 0.0, 0.0
     module = StudentFAN(width=0.125)
-    state = distill_step.create_state(c, module)
+    state = distill_state.create_state(c, module)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
     y = jax.random.uniform(jax.random.PRNGKey(2), (2, 16, 16, 68)) * 0.1
     _, metrics = jax.jit(distill_step.make_train_step(c, module))(state, x, y)
@@ -366,8 +359,6 @@ def test_straight_through_output_gradient():
 
 
 def test_spatial_softmax_kl_term():
-    from progsr_jax.fan import StudentFAN
-
     rng = np.random.default_rng(0)
     y = rng.uniform(-0.01, 0.6, (2, 8, 8, 68)).astype(np.float32)
     p = rng.uniform(-0.01, 0.6, (2, 8, 8, 68)).astype(np.float32)
@@ -379,23 +370,23 @@ def test_spatial_softmax_kl_term():
 
     py, pp = softmax(y.astype(np.float64)), softmax(p.astype(np.float64))
     want = np.mean(np.sum(py * np.log(py / pp), axis=(1, 2)))
-    np.testing.assert_allclose(distill_step.spatial_softmax_kl(y, p, t), want, rtol=1e-4)
-    assert float(distill_step.spatial_softmax_kl(y, y, t)) == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(losses.spatial_softmax_kl(y, p, t), want, rtol=1e-4)
+    assert float(losses.spatial_softmax_kl(y, y, t)) == pytest.approx(0.0, abs=1e-6)
     # it only depends on where each heatmap is high, not on a constant offset
-    np.testing.assert_allclose(distill_step.spatial_softmax_kl(y, p + 0.3, t), want, rtol=1e-4)
+    np.testing.assert_allclose(losses.spatial_softmax_kl(y, p + 0.3, t), want, rtol=1e-4)
 
     # in the train step: loss = mse + kl_weight * kl, all three logged
     c = distill_config_of("smoke")
     c.conv_grad, c.kl_weight, c.kl_temperature = "xla", 0.5, t
     c.augment.flip, c.augment.scale, c.augment.shift = False, 0.0, 0.0
     module = StudentFAN(width=0.125)
-    state = distill_step.create_state(c, module)
+    state = distill_state.create_state(c, module)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3))
     _, m = jax.jit(distill_step.make_train_step(c, module))(state, x, y)
     out = module.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
                        mutable=["batch_stats"])[0]
     np.testing.assert_allclose(m["mse"], np.mean((np.asarray(out) - y) ** 2), rtol=1e-5)
-    np.testing.assert_allclose(m["kl"], distill_step.spatial_softmax_kl(y, out, t), rtol=1e-5)
+    np.testing.assert_allclose(m["kl"], losses.spatial_softmax_kl(y, out, t), rtol=1e-5)
     np.testing.assert_allclose(m["loss"], m["mse"] + 0.5 * m["kl"], rtol=1e-6)
     c.kl_weight, c.teacher_heatmaps = -1.0, "hm"
     with pytest.raises(UserError, match="kl_weight"):
@@ -403,14 +394,12 @@ def test_spatial_softmax_kl_term():
 
 
 def test_muon_orthogonalises_the_convolutions_and_adam_updates_the_rest():
-    from progsr_jax.fan import StudentFAN
-
     c = distill_config_of("smoke")
     assert c.optimizer == "muon" and distill_config_of("cpu").optimizer == "muon"
     assert distill_config_of().optimizer == "adam"  # the paper's recipe
-    state = distill_step.create_state(c, StudentFAN(width=0.25))
+    state = distill_state.create_state(c, StudentFAN(width=0.25))
     params = jax.device_get(state.params)
-    dims = distill_step.muon_dimensions(params)
+    dims = distill_optim.muon_dimensions(params)
     for layer, leaves in params.items():
         for name, p in leaves.items():
             muon = name == "weight" and p.ndim == 4 and layer != "layers_9"
@@ -425,7 +414,7 @@ def test_muon_orthogonalises_the_convolutions_and_adam_updates_the_rest():
         return g * np.logspace(0, -3, p.shape[-1], dtype=np.float32)
 
     grads = jax.tree_util.tree_map(skewed, params)
-    tx = distill_step.make_optimizer(c)
+    tx = distill_optim.make_optimizer(c)
     updates, _ = tx.update(grads, tx.init(params), params)
     w = np.asarray(updates["layers_6"]["weight"])
     s = np.linalg.svd(w.reshape(-1, w.shape[-1]), compute_uv=False)

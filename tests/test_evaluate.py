@@ -10,14 +10,18 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from progsr_jax.evaluation import crops
+from progsr_jax import data, inference
+from progsr_jax.data import crops
+from progsr_jax.data.crops import crop_box, map_points
+from progsr_jax.evaluation import metrics
 from progsr_jax.evaluation import sr as ev
+from progsr_jax.evaluation.landmarks import evaluate_landmarks
+from progsr_jax.inference import batching
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KEYS = {"psnr", "ssim", "ms_ssim", "lpips", "psnr_y", "ssim_y", "num_images", "protocol",
@@ -41,8 +45,8 @@ def read_rows(out: pathlib.Path) -> list[dict]:
 class FakeSR:
     """A bicubic-like stand-in for inference.load(): nearest-neighbour upsampling."""
 
-    def __init__(self, step=3):
-        self.step, self.alpha, self.output_size = step, 1.0, 16 * 2 ** step
+    def __init__(self, stage=3):
+        self.stage, self.alpha, self.output_size = stage, 1.0, 16 * 2 ** stage
         self.calls = []
 
     def __call__(self, x):
@@ -52,23 +56,18 @@ class FakeSR:
         f = self.output_size // 16
         return np.repeat(np.repeat(x, f, axis=1), f, axis=2) * np.float32(1.05)  # not clipped
 
+    def super_resolve(self, faces, batch_size=16, min_batch=1):
+        return batching.super_resolve(self, faces, batch_size, min_batch)
+
 
 @pytest.fixture
 def fake_inference(monkeypatch):
-    """Makes progsr_jax.inference.load return a FakeSR (the module may not exist yet)."""
-    import progsr_jax
-
-    try:
-        from progsr_jax import inference
-    except ImportError:
-        inference = types.ModuleType("progsr_jax.inference")
-        monkeypatch.setitem(sys.modules, "progsr_jax.inference", inference)
-        monkeypatch.setattr(progsr_jax, "inference", inference, raising=False)
+    """Makes progsr_jax.inference.load return a FakeSR."""
     holder = {}
 
-    def load(path, step=3):
+    def load(path, stage=3):
         holder["path"] = path
-        holder["sr"] = FakeSR(holder.get("step", 3))
+        holder["sr"] = FakeSR(holder.get("stage", 3))
         return holder["sr"]
 
     monkeypatch.setattr(inference, "load", load, raising=False)
@@ -106,15 +105,12 @@ def test_bicubic_both_protocols_on_celeba_val(celeba_root, tmp_path):
 
 def test_pfsr_matches_in_memory_protocol(celeba_root, tmp_path):
     """The streamed evaluation batches files in order exactly like metrics.pfsr_evaluate."""
-    from progsr_jax import data
-    from progsr_jax.evaluation import metrics
-
     pf = run_eval(tmp_path / "pf", data_root=str(celeba_root), split="val", method="bilinear",
                   limit=20, batch_size=8, protocol="pfsr", lpips=False)
     files = data.list_files("celeba", str(celeba_root), "val")[:20]
     arrays = [data.preprocess(data.open_image(f)) for f in files]
     lr = np.stack([a[16] for a in arrays])
-    sr = ev.pil_upscale(lr, 128, Image.BILINEAR).astype(np.float32) / 255
+    sr = data.upscale(lr, 128, "bilinear").astype(np.float32) / 255
     hr = np.stack([a[128] for a in arrays]).astype(np.float32) / 255
     ref = metrics.pfsr_evaluate(sr, hr, batch_size=8)  # batches 8, 8, 4
     for k in ("psnr", "ssim", "ms_ssim"):
@@ -133,7 +129,7 @@ def test_model_path_with_fake_generator(celeba_root, tmp_path, fake_inference):
     assert res["method"] == "model" and res["checkpoint"] == str(ckpt) and res["stage"] == 3
     assert res["output_size"] == 128 and res["num_images"] == 10 and 17 < res["psnr"] < 24
     # a step-2 model is scored at 64x64 against the 64x64 targets (and says so)
-    fake_inference["step"] = 2
+    fake_inference["stage"] = 2
     res = run_eval(tmp_path / "m2", data_root=str(celeba_root), split="val", method="model",
                    checkpoint=str(ckpt), limit=6, batch_size=4, lpips=True)
     assert res["stage"] == 2 and res["output_size"] == 64
@@ -160,8 +156,6 @@ def test_landmark_box_geometry():
 
 
 def test_unreadable_files_are_skipped(celeba_root, tmp_path):
-    from progsr_jax import data
-
     src = tmp_path / "imgs"
     src.mkdir()
     for f in data.list_files("celeba", str(celeba_root), "val")[:3]:
@@ -209,8 +203,6 @@ def test_misuse_gives_one_line_errors(tmp_path):
 
 # ------------------------------------------------------- landmark accuracy
 def test_landmark_point_mapping():
-    from progsr_jax.evaluation.crops import crop_box, map_points
-
     # pixel centres at integers: the crop's corners map to the resized image's corners
     pts = np.array([[10.0, 20.0], [10.0 + 99.5, 20.0 + 99.5], [10 - 0.5, 20 - 0.5]])
     out = map_points(pts, 10, 20, 100, 64)
@@ -222,8 +214,6 @@ def test_landmark_point_mapping():
 
 
 def test_evaluate_landmarks_with_released_fan(distilled_fan_file, faces68_root, tmp_path):
-    from progsr_jax.evaluation.landmarks import evaluate_landmarks
-
     fan = tmp_path / "fan"
     proc = subprocess.run([sys.executable, "tools/convert_fan_weights.py", "distilled",
                            "--input", str(distilled_fan_file), "--output", str(fan)],

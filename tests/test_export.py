@@ -17,12 +17,16 @@ import subprocess
 import sys
 import sysconfig
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from progsr_jax import data, export, exported, infer
+from progsr_jax import bench, data, export, infer, inference
 from progsr_jax.errors import UserError
+from progsr_jax.inference import checkpoints as checkpoint_format
+from progsr_jax.inference import serialized
+from progsr_jax.nets import gan
 
 _INSTALL = ("needs the export extra: pip install -e '.[export]' && "
             "pip install --no-deps jax2onnx==0.17.1")
@@ -37,14 +41,9 @@ EXPORTS = [("step3", "dynamic"), ("step3", "1"), ("step3", "7"), ("stage2", "dyn
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def models(tmp_path_factory):
     """``{name: path}`` of the two tiny generators, saved as converted checkpoints."""
-    import jax
-
-    from progsr_jax import models
-    from progsr_jax.training import checkpoint
-
-    _, variables = models.init_generator(0, width=0.0625)
+    _, variables = gan.init_generator(0, width=0.0625)
     variables = jax.device_get(variables)
     rng = np.random.default_rng(0)
     stats = jax.tree_util.tree_map(np.asarray, variables["batch_stats"])
@@ -56,8 +55,8 @@ def checkpoints(tmp_path_factory):
     out = {}
     for name, (stage, alpha) in MODELS.items():
         meta = {"stage": stage, "alpha": alpha, "iteration": 0, "width": 0.0625,
-                "dtype": "float32", "format": checkpoint.FORMAT}
-        checkpoint.save_converted(str(root / name), variables, None, meta)
+                "dtype": "float32", "format": checkpoint_format.FORMAT}
+        checkpoint_format.save_converted(str(root / name), variables, None, meta)
         out[name] = root / name
     return out
 
@@ -70,23 +69,21 @@ def faces(celeba_root):
 
 
 @pytest.fixture(scope="module")
-def exports(checkpoints, tmp_path_factory):
+def exports(models, tmp_path_factory):
     """``{(model, batch): folder}`` holding model.onnx and model.stablehlo with contracts."""
     root = tmp_path_factory.mktemp("exports")
     out = {}
     for name, batch in EXPORTS:
         folder = root / f"{name}_{batch}"
-        written = export.export(str(checkpoints[name]), str(folder), batch_size=batch,
+        written = export.export(str(models[name]), str(folder), batch_size=batch,
                                 partial=name != "step3", log=lambda _: None)
         assert sorted(written) == ["onnx", "stablehlo"]
         out[name, batch] = folder
     return out
 
 
-def _flax(checkpoints, name, x):
-    from progsr_jax import inference
-
-    return np.asarray(inference.load(str(checkpoints[name]))(x))
+def _flax(models, name, x):
+    return np.asarray(inference.load(str(models[name]))(x))
 
 
 def _sizes(batch):
@@ -112,7 +109,7 @@ def test_contracts(exports):
             assert c["versions"]["jax"]
 
 
-def test_onnx_equals_flax_on_real_faces(exports, checkpoints, faces):
+def test_onnx_equals_flax_on_real_faces(exports, models, faces):
     import onnxruntime as ort
 
     x = data.to_float(faces)
@@ -124,7 +121,7 @@ def test_onnx_equals_flax_on_real_faces(exports, checkpoints, faces):
         assert shape[0] == (int(batch) if batch != "dynamic" else "batch")
         for n in _sizes(batch):
             y = session.run(None, {"lr": x[:n]})[0]
-            ref = _flax(checkpoints, name, x[:n])
+            ref = _flax(models, name, x[:n])
             size = 16 * 2 ** MODELS[name][0]
             assert y.shape == ref.shape == (n, size, size, 3) and y.dtype == np.float32
             diff = float(np.abs(y - ref).max())
@@ -132,7 +129,7 @@ def test_onnx_equals_flax_on_real_faces(exports, checkpoints, faces):
             assert diff <= TOL
 
 
-def test_stablehlo_equals_flax_without_the_package(exports, checkpoints, faces, tmp_path):
+def test_stablehlo_equals_flax_without_the_package(exports, models, faces, tmp_path):
     """``jax.export.deserialize(...).call(x)`` in a process where progsr_jax cannot be imported:
     ``python -I -S`` with only the environment's site-packages folder on the path (so neither
     the checkout nor an editable install's .pth hook is seen)."""
@@ -168,32 +165,32 @@ def test_stablehlo_equals_flax_without_the_package(exports, checkpoints, faces, 
     y = np.load(tmp_path / "y.npz")
     for key, (_, n) in jobs.items():
         name = key.split("_")[0]
-        ref = _flax(checkpoints, name, x[:n])
+        ref = _flax(models, name, x[:n])
         assert y[key].shape == ref.shape
         diff = float(np.abs(y[key] - ref).max())
         print(f"stablehlo {key}: max abs diff {diff:.2e}")
         assert diff <= TOL
 
 
-def test_exported_model_adapter(exports, checkpoints, faces):
+def test_exported_model_adapter(exports, models, faces):
     """The SuperResolver-like adapter: both backends, fixed batches chunked and padded."""
     x = data.to_float(faces)
-    ref = _flax(checkpoints, "step3", x)
+    ref = _flax(models, "step3", x)
     for batch in ("dynamic", "1"):
         for backend in ("onnx", "stablehlo"):
-            sr = exported.load(str(exports["step3", batch]), backend)
+            sr = serialized.load(str(exports["step3", batch]), backend)
             assert (sr.stage, sr.alpha, sr.output_size, sr.backend) == (3, 1.0, 128, backend)
             assert float(np.abs(sr(x) - ref).max()) <= TOL
-    sr = exported.load(str(exports["stage2", "7"]))
+    sr = serialized.load(str(exports["stage2", "7"]))
     assert (sr.stage, sr.alpha, sr.output_size) == (2, 0.6, 64)
-    assert float(np.abs(sr(x[:3]) - _flax(checkpoints, "stage2", x[:3])).max()) <= TOL
+    assert float(np.abs(sr(x[:3]) - _flax(models, "stage2", x[:3])).max()) <= TOL
     with pytest.raises(UserError, match="expected inputs of shape"):
         sr(x[:, :8])
     with pytest.raises(UserError, match="not found"):
-        exported.load(str(exports["step3", "1"] / "missing"))
+        serialized.load(str(exports["step3", "1"] / "missing"))
 
 
-def test_infer_exported_writes_the_same_pngs(exports, checkpoints, faces, tmp_path):
+def test_infer_exported_writes_the_same_pngs(exports, models, faces, tmp_path):
     src = tmp_path / "lr"
     src.mkdir()
     for k, face in enumerate(faces):
@@ -201,7 +198,7 @@ def test_infer_exported_writes_the_same_pngs(exports, checkpoints, faces, tmp_pa
     log = []
     res = infer.run(None, str(src), str(tmp_path / "onnx"), mode="lowres", progress=False,
                     exported=str(exports["step3", "dynamic"]), log=log.append)
-    ref = infer.run(str(checkpoints["step3"]), str(src), str(tmp_path / "flax"), mode="lowres",
+    ref = infer.run(str(models["step3"]), str(src), str(tmp_path / "flax"), mode="lowres",
                     progress=False, log=lambda _: None)
     assert len(res["written"]) == len(ref["written"]) == len(faces)
     for a, b in zip(sorted(res["written"]), sorted(ref["written"])):
@@ -209,21 +206,21 @@ def test_infer_exported_writes_the_same_pngs(exports, checkpoints, faces, tmp_pa
         pa, pb = (np.asarray(Image.open(p), np.int16) for p in (a, b))
         assert pa.shape == (128, 128, 3) and np.abs(pa - pb).max() <= 1
     with pytest.raises(UserError, match="not both"):
-        infer.run(str(checkpoints["step3"]), str(src), str(tmp_path / "x"),
+        infer.run(str(models["step3"]), str(src), str(tmp_path / "x"),
                   exported=str(exports["step3", "dynamic"]))
     with pytest.raises(UserError, match="not --mode=photo"):
         infer.run(None, str(src), str(tmp_path / "x"), mode="photo",
                   exported=str(exports["step3", "dynamic"]))
 
 
-def test_missing_runtime_packages_are_one_line_errors(exports, checkpoints, tmp_path,
+def test_missing_runtime_packages_are_one_line_errors(exports, models, tmp_path,
                                                       monkeypatch):
     monkeypatch.setitem(sys.modules, "jax2onnx", None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"needs jax2onnx.*--no-deps jax2onnx"):
-        export.export(str(checkpoints["step3"]), str(tmp_path / "o"), formats=["onnx"])
+        export.export(str(models["step3"]), str(tmp_path / "o"), formats=["onnx"])
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(UserError, match="needs onnxruntime: pip install onnxruntime"):
-        exported.load(str(exports["step3", "dynamic"]), "onnx")
+        serialized.load(str(exports["step3", "dynamic"]), "onnx")
 
 
 def test_help():
@@ -234,12 +231,12 @@ def test_help():
     assert "--partial" in proc.stdout
 
 
-def test_one_line_errors(checkpoints, tmp_path):
+def test_one_line_errors(models, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     empty = tmp_path / "empty"
     empty.mkdir()
-    step3, stage2 = str(checkpoints["step3"]), str(checkpoints["stage2"])
+    step3, stage2 = str(models["step3"]), str(models["stage2"])
     cases = [
         (dict(checkpoint=str(tmp_path / "nope"), output=str(tmp_path / "o")),
          "checkpoint not found"),
@@ -272,7 +269,7 @@ def _readme_snippet() -> str:
 
 
 @pytest.mark.slow
-def test_fresh_venv_with_onnxruntime_only(exports, checkpoints, faces, tmp_path):
+def test_fresh_venv_with_onnxruntime_only(exports, models, faces, tmp_path):
     """The README's snippet in a venv holding only numpy, pillow and onnxruntime (from PyPI)
     makes the PNGs ``infer --mode=lowres`` makes (to one gray level)."""
     venv = tmp_path / "venv"
@@ -304,7 +301,7 @@ def test_fresh_venv_with_onnxruntime_only(exports, checkpoints, faces, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     check = subprocess.run([py, "-I", "-c", "import progsr_jax"], capture_output=True, timeout=60)
     assert check.returncode != 0
-    ref = infer.run(str(checkpoints["step3"]), str(work / "lr"), str(tmp_path / "infer"),
+    ref = infer.run(str(models["step3"]), str(work / "lr"), str(tmp_path / "infer"),
                     mode="lowres", progress=False, log=lambda _: None)
     assert len(ref["written"]) == len(faces)
     for path in ref["written"]:
@@ -315,8 +312,6 @@ def test_fresh_venv_with_onnxruntime_only(exports, checkpoints, faces, tmp_path)
 
 
 def test_bench_export_mode(capsys):
-    from progsr_jax import bench
-
     assert bench.main(["bench", "--mode=export", "--width=0.0625", "--steps=1",
                        "--warmup=0"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -20,7 +20,6 @@ from progsr_jax.errors import UserError, run_cli
 from progsr_jax.evaluation import sweep_plot
 
 
-
 @pytest.fixture(scope="module")
 def tool(tool_module):
     return tool_module("face_size_sweep")

@@ -10,12 +10,19 @@ import subprocess
 import sys
 import zipfile
 
+import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from progsr_jax import landmarks
+from progsr_jax import data
+from progsr_jax.data import crops
 from progsr_jax.errors import UserError
+from progsr_jax.evaluation import metrics
 from progsr_jax.interop.torch_pickle import LEGACY_MAGIC, UnsafePickleError, load_torch_file
+from progsr_jax.nets import fan as fan_lib
+from progsr_jax.nets.fan import StudentFAN, abstract_variables
+from progsr_jax.nets.layers import count_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_fan_weights.py"
@@ -72,8 +79,6 @@ def converted_dir(distilled_fan_file, tmp_path_factory, convert_fan_tool):
 
 @pytest.fixture(scope="module")
 def celeba_faces(celeba_root):
-    from progsr_jax import data
-
     paths = data.list_files("celeba", celeba_root, "val")[:6]
     pre = [data.preprocess(data.open_image(p)) for p in paths]
     return {s: np.stack([p[s] for p in pre]).astype(np.float32) / 255.0 for s in (64, 128)}
@@ -186,11 +191,6 @@ def test_not_a_torch_file(tmp_path):
 
 
 def test_param_count_and_layout():
-    import jax
-
-    from progsr_jax.fan import StudentFAN, abstract_variables
-    from progsr_jax.layers import count_params
-
     v = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.01, s.dtype),
                                abstract_variables(StudentFAN()))  # random init compiles slowly
     assert count_params(v["params"]) == 321_412
@@ -202,7 +202,7 @@ def test_param_count_and_layout():
 
 
 def test_parity_with_pytorch(converted_dir, released_state_dict, celeba_faces):
-    fan = landmarks.load(converted_dir)
+    fan = fan_lib.load(converted_dir)
     assert fan.meta["kind"] == "student_fan"
     ref = _torch_reference(released_state_dict)
     for size in (64, 128):
@@ -227,8 +227,8 @@ def test_zip_state_dict_converts(tmp_path, released_state_dict, converted_dir, c
     torch.save({"state_dict": sd}, path)  # zip format, wrapped
     out = tmp_path / "conv2"
     assert convert_fan_tool.main(["convert_fan_weights.py", "distilled", "--input", str(path), "--output", str(out)]) == 0
-    a = landmarks.load(out)
-    b = landmarks.load(converted_dir)
+    a = fan_lib.load(out)
+    b = fan_lib.load(converted_dir)
     x = celeba_faces[64][:2]
     np.testing.assert_array_equal(np.asarray(a(x)), np.asarray(b(x)))
 
@@ -241,9 +241,9 @@ def test_wrong_state_dict_and_missing_dir(tmp_path, released_state_dict, convert
     with pytest.raises(UserError, match="missing keys.*conv.bias"):
         convert_fan_tool.main(["convert_fan_weights.py", "distilled", "--input", str(path), "--output", str(tmp_path / "o")])
     with pytest.raises(UserError, match="no converted FAN"):
-        landmarks.load(tmp_path)
+        fan_lib.load(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
-        landmarks.load(tmp_path / "nope")
+        fan_lib.load(tmp_path / "nope")
 
 
 # ---------------------------------------------------------------------------
@@ -284,16 +284,16 @@ def test_heatmaps_to_landmarks_recovers_points():
     rng = np.random.default_rng(0)
     pts = rng.uniform(2, 61, size=(3, 68, 2))
     hm = _gaussians(pts, 64)
-    got = landmarks.heatmaps_to_landmarks(hm)
+    got = fan_lib.heatmaps_to_landmarks(hm)
     assert got.shape == (3, 68, 2)
     err = np.abs(got - pts)
     assert err.max() <= 0.25 + 1e-6  # argmax +- 0.25 quantisation
     assert err.mean() < np.abs(np.rint(pts) - pts).mean()  # better than plain argmax
     # exact points on pixel centres come back exactly; border peaks get no shift
     exact = np.array([[[10.0, 20.0], [0.0, 33.0], [63.0, 63.0]]])
-    np.testing.assert_array_equal(landmarks.heatmaps_to_landmarks(_gaussians(exact, 64)), exact)
+    np.testing.assert_array_equal(fan_lib.heatmaps_to_landmarks(_gaussians(exact, 64)), exact)
     # a single (H, W, C) map
-    assert landmarks.heatmaps_to_landmarks(hm[0]).shape == (68, 2)
+    assert fan_lib.heatmaps_to_landmarks(hm[0]).shape == (68, 2)
 
 
 def test_heatmaps_to_landmarks_matches_face_alignment_semantics():
@@ -302,39 +302,37 @@ def test_heatmaps_to_landmarks_matches_face_alignment_semantics():
     hm[0, 0, 5, 0] = 10  # peak on the top border
     hm[1, 7, 11, 1] = 10  # peak on the right border
     ref = _get_preds_fromhm_reference(hm.transpose(0, 3, 1, 2))
-    np.testing.assert_allclose(landmarks.heatmaps_to_landmarks(hm, convention="face_alignment"), ref)
-    np.testing.assert_allclose(landmarks.heatmaps_to_landmarks(hm), ref - 0.5)
+    np.testing.assert_allclose(fan_lib.heatmaps_to_landmarks(hm, convention="face_alignment"), ref)
+    np.testing.assert_allclose(fan_lib.heatmaps_to_landmarks(hm), ref - 0.5)
 
 
 def test_nme_hand_checked():
     gt = np.zeros((68, 2))
     pred = gt + np.array([3.0, 4.0])  # every point 5 px off
-    assert landmarks.nme(pred, gt, 100) == pytest.approx(0.05)
+    assert metrics.nme(pred, gt, 100) == pytest.approx(0.05)
     pred[34:] = 0  # half of them exact
-    assert landmarks.nme(pred, gt, 100) == pytest.approx(0.025)
-    batch = landmarks.nme(np.stack([pred, gt]), np.stack([gt, gt]), 50)
+    assert metrics.nme(pred, gt, 100) == pytest.approx(0.025)
+    batch = metrics.nme(np.stack([pred, gt]), np.stack([gt, gt]), 50)
     np.testing.assert_allclose(batch, [0.05, 0.0])
 
 
 def test_read_pts(tmp_path, faces68_root):
     p = tmp_path / "a.pts"
     p.write_text("version: 1\nn_points: 3\n{\n1.5 2\n3 4.25\n5 6\n}\n")
-    np.testing.assert_array_equal(landmarks.read_pts(p), [[1.5, 2], [3, 4.25], [5, 6]])
+    np.testing.assert_array_equal(crops.read_pts(p), [[1.5, 2], [3, 4.25], [5, 6]])
     p.write_text("version: 1\nn_points: 4\n{\n1 2\n}\n")
     with pytest.raises(UserError):
-        landmarks.read_pts(p)
+        crops.read_pts(p)
     real = sorted((faces68_root / "afw").glob("*.pts"))[0]
-    assert landmarks.read_pts(real).shape == (68, 2)
+    assert crops.read_pts(real).shape == (68, 2)
 
 
 def test_landmarks_on_real_faces_are_plausible(converted_dir, faces68_root):
     """Loose sanity check of the released FAN on annotated faces (the NME is reported, not tuned)."""
-    from PIL import Image
-
-    fan = landmarks.load(converted_dir)
+    fan = fan_lib.load(converted_dir)
     errs = []
     for pts_path in sorted((faces68_root / "ffhq").glob("*.pts"))[:4]:
-        gt = landmarks.read_pts(pts_path)
+        gt = crops.read_pts(pts_path)
         img = Image.open(pts_path.with_suffix(".png")).convert("RGB")
         lo, hi = gt.min(0), gt.max(0)
         side = 2.4 * float((hi - lo).max())
@@ -345,7 +343,7 @@ def test_landmarks_on_real_faces_are_plausible(converted_dir, faces68_root):
         im = big.resize((64, 64), Image.BILINEAR, box=(x0 + pad, y0 + pad, x0 + side + pad, y0 + side + pad))
         pred = fan.landmarks(np.asarray(im, np.float32)[None] / 255.0)[0]
         g = (gt + 0.5 - np.array([x0, y0])) * 64 / side - 0.5
-        errs.append(landmarks.nme(pred, g, 64))
+        errs.append(metrics.nme(pred, g, 64))
     print(f"distilled FAN NME on {len(errs)} FFHQ faces at 64x64: {100 * np.mean(errs):.2f}%")
     assert np.mean(errs) < 0.15
 

@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from progsr_jax import infer
+import progsr_jax
+from progsr_jax import data, infer
 from progsr_jax.errors import run_cli
 
 
 @pytest.fixture
 def fake_inference(monkeypatch, fake_sr_type):
     """Makes progsr_jax.inference.load return a FakeSR."""
-    import progsr_jax
-
     try:
         from progsr_jax import inference
     except ImportError:  # not written yet: a stand-in module
@@ -89,8 +88,6 @@ def test_folder_of_every_mode(tmp_path, fake_inference):
 
 
 def test_output_is_the_mapped_generator_output(tmp_path, fake_inference):
-    from progsr_jax import data
-
     src = tmp_path / "face.png"
     Image.fromarray(_rgb(96, 120, 5)).save(src)
     out = tmp_path / "result.png"

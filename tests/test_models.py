@@ -7,16 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from progsr_jax import models
-from progsr_jax.layers import count_params
+from progsr_jax.errors import UserError
 from progsr_jax.interop import state_dict as convert
-from progsr_jax.layers import ConvTranspose2d
+from progsr_jax.nets import gan, vgg
+from progsr_jax.nets.layers import ConvTranspose2d, count_params
 
 
 @pytest.fixture(scope="module")
 def paper_models():
-    g, gv = models.init_generator(jax.random.PRNGKey(0))
-    d, dv = models.init_discriminator(jax.random.PRNGKey(1))
+    g, gv = gan.init_generator(jax.random.PRNGKey(0))
+    d, dv = gan.init_discriminator(jax.random.PRNGKey(1))
     return g, gv, d, dv
 
 
@@ -25,32 +25,32 @@ def test_parameter_counts_match_paper(paper_models):
     assert count_params(gv["params"]) == 8_969_097
     assert count_params(dv["params"]) == 8_065_537
     # 76 official G keys = 66 + 10 num_batches_tracked; 24 official D keys.
-    assert len(convert.variables_to_state_dict(gv, models.G_CONV_TRANSPOSE)) == 66
+    assert len(convert.variables_to_state_dict(gv, gan.G_CONV_TRANSPOSE)) == 66
     assert len(convert.variables_to_state_dict(dv)) == 24
 
 
 def test_width_multiplier_scales_channels():
-    _, gv = models.init_generator(jax.random.PRNGKey(0), width=0.25)
+    _, gv = gan.init_generator(jax.random.PRNGKey(0), width=0.25)
     assert gv["params"]["step1_0"]["weight"].shape == (3, 3, 3, 128)
     assert gv["params"]["to_rgb_2"]["weight"].shape == (1, 1, 16, 3)
 
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    g, gv = models.init_generator(jax.random.PRNGKey(0), width=0.125)
-    d, dv = models.init_discriminator(jax.random.PRNGKey(1), width=0.125)
+    g, gv = gan.init_generator(jax.random.PRNGKey(0), width=0.125)
+    d, dv = gan.init_discriminator(jax.random.PRNGKey(1), width=0.125)
     return g, gv, d, dv
 
 
-@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_shapes_at_every_stage(tiny_models, step, alpha):
+def test_shapes_at_every_stage(tiny_models, stage, alpha):
     g, gv, d, dv = tiny_models
     x = jnp.ones((2, 16, 16, 3))
-    out, upd = g.apply(gv, x, step=step, alpha=alpha, train=True, mutable=["batch_stats"])
-    assert out.shape == (2, 16 * 2 ** step, 16 * 2 ** step, 3)
+    out, upd = g.apply(gv, x, stage=stage, alpha=alpha, train=True, mutable=["batch_stats"])
+    assert out.shape == (2, 16 * 2 ** stage, 16 * 2 ** stage, 3)
     assert set(upd) == {"batch_stats"}
-    score = d.apply(dv, out, step=step, alpha=alpha)
+    score = d.apply(dv, out, stage=stage, alpha=alpha)
     assert score.shape == (2,)
 
 
@@ -58,14 +58,14 @@ def test_fade_in_arithmetic(tiny_models):
     g, gv, _, _ = tiny_models
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3))
     # alpha = 0 is the nearest-upsampled previous stage; alpha = 1 the new block alone.
-    prev = g.apply(gv, x, step=1, train=False)
-    at0 = g.apply(gv, x, step=2, alpha=0.0, train=False)
+    prev = g.apply(gv, x, stage=1, train=False)
+    at0 = g.apply(gv, x, stage=2, alpha=0.0, train=False)
     np.testing.assert_allclose(at0, jnp.repeat(jnp.repeat(prev, 2, 1), 2, 2), atol=1e-5)
-    new = g.apply(gv, x, step=2, alpha=1.0, train=False)
-    mid = g.apply(gv, x, step=2, alpha=0.25, train=False)
+    new = g.apply(gv, x, stage=2, alpha=1.0, train=False)
+    mid = g.apply(gv, x, stage=2, alpha=0.25, train=False)
     np.testing.assert_allclose(mid, 0.75 * at0 + 0.25 * new, atol=1e-5)
     # Outside [0, 1) there is no fade (the official code's convention).
-    np.testing.assert_allclose(g.apply(gv, x, step=2, alpha=-1.0, train=False), new, atol=1e-6)
+    np.testing.assert_allclose(g.apply(gv, x, stage=2, alpha=-1.0, train=False), new, atol=1e-6)
 
 
 def test_conv_transpose_subpixel_equals_dilated_formulation():
@@ -102,67 +102,65 @@ def _randomise_bn(module, seed=0):
                 m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
 
 
-@pytest.mark.parametrize("step,alpha", [(1, 1.0), (2, 0.7), (2, 1.0), (3, 0.4), (3, 1.0)])
-def test_generator_matches_pytorch(step, alpha):
+@pytest.mark.parametrize("stage,alpha", [(1, 1.0), (2, 0.7), (2, 1.0), (3, 0.4), (3, 1.0)])
+def test_generator_matches_pytorch(stage, alpha):
     from progsr_jax.interop.pytorch import reference as tr
     torch.manual_seed(0)
     tg = tr.Generator(width=0.25)
     _randomise_bn(tg)
-    g, ref = models.init_generator(jax.random.PRNGKey(0), width=0.25)
-    variables = _torch_to_flax(tg, ref, models.G_CONV_TRANSPOSE)
+    g, ref = gan.init_generator(jax.random.PRNGKey(0), width=0.25)
+    variables = _torch_to_flax(tg, ref, gan.G_CONV_TRANSPOSE)
     x = np.random.default_rng(0).standard_normal((3, 16, 16, 3)).astype(np.float32)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
     # Eval mode: running statistics.
     tg.eval()
     with torch.no_grad():
-        want = tg(xt, step, alpha).numpy().transpose(0, 2, 3, 1)
-    got = g.apply(variables, x, step=step, alpha=alpha, train=False)
+        want = tg(xt, stage, alpha).numpy().transpose(0, 2, 3, 1)
+    got = g.apply(variables, x, stage=stage, alpha=alpha, train=False)
     np.testing.assert_allclose(got, want, atol=1e-4)
     # Train mode: batch statistics, and the running statistics updated like PyTorch's.
     tg.train()
     with torch.no_grad():
-        want = tg(xt, step, alpha).numpy().transpose(0, 2, 3, 1)
-    got, upd = g.apply(variables, x, step=step, alpha=alpha, train=True, mutable=["batch_stats"])
+        want = tg(xt, stage, alpha).numpy().transpose(0, 2, 3, 1)
+    got, upd = g.apply(variables, x, stage=stage, alpha=alpha, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(got, want, atol=1e-4)
-    new_stats = _torch_to_flax(tg, ref, models.G_CONV_TRANSPOSE)["batch_stats"]
+    new_stats = _torch_to_flax(tg, ref, gan.G_CONV_TRANSPOSE)["batch_stats"]
     for a, b in zip(jax.tree_util.tree_leaves(upd["batch_stats"]), jax.tree_util.tree_leaves(new_stats)):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("step,alpha", [(1, 1.0), (2, 0.3), (3, 0.6), (3, 1.0)])
-def test_discriminator_matches_pytorch(step, alpha):
+@pytest.mark.parametrize("stage,alpha", [(1, 1.0), (2, 0.3), (3, 0.6), (3, 1.0)])
+def test_discriminator_matches_pytorch(stage, alpha):
     from progsr_jax.interop.pytorch import reference as tr
     torch.manual_seed(1)
     td = tr.Discriminator(width=0.25)
-    d, ref = models.init_discriminator(jax.random.PRNGKey(0), width=0.25)
+    d, ref = gan.init_discriminator(jax.random.PRNGKey(0), width=0.25)
     variables = _torch_to_flax(td, ref)
-    res = 16 * 2 ** step
+    res = 16 * 2 ** stage
     x = np.random.default_rng(1).standard_normal((4, res, res, 3)).astype(np.float32)
     with torch.no_grad():
-        want = td(torch.from_numpy(x.transpose(0, 3, 1, 2)), step, alpha).numpy()
-    got = d.apply(variables, x, step=step, alpha=alpha)
+        want = td(torch.from_numpy(x.transpose(0, 3, 1, 2)), stage, alpha).numpy()
+    got = d.apply(variables, x, stage=stage, alpha=alpha)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_state_dict_round_trip_and_refusal(paper_models):
     g, gv, _, _ = paper_models
-    sd = convert.variables_to_state_dict(gv, models.G_CONV_TRANSPOSE)
+    sd = convert.variables_to_state_dict(gv, gan.G_CONV_TRANSPOSE)
     assert sd["step1.4.weight"].shape == (512, 256, 4, 4)  # PyTorch ConvTranspose2d layout
     assert sd["step1.0.weight"].shape == (512, 3, 3, 3)
     back = convert.state_dict_to_variables({"module." + k: v for k, v in sd.items()}, gv,
-                                           models.G_CONV_TRANSPOSE)
+                                           gan.G_CONV_TRANSPOSE)
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(gv)):
         np.testing.assert_array_equal(a, b)
     del sd["step2.0.conv.1.running_var"]
-    from progsr_jax.errors import UserError
     with pytest.raises(UserError, match=r"step2\.0\.conv\.1\.running_var"):
-        convert.state_dict_to_variables(sd, gv, models.G_CONV_TRANSPOSE)
+        convert.state_dict_to_variables(sd, gv, gan.G_CONV_TRANSPOSE)
 
 
 def test_vgg_features_and_input_gradient_match_torchvision_layout():
     """VGG16Features (reshape max-pool) vs torchvision-layout VGG16 on the same weights."""
     from progsr_jax.interop.pytorch import reference as tr
-    from progsr_jax import vgg
 
     params = vgg.load_vgg16_features_params()
     net = tr.VGG16Features()
@@ -195,7 +193,7 @@ def test_reference_iteration_keeps_tensors_on_the_inputs_device():
     Everything runs on PyTorch's "meta" device (shapes only, no GPU needed) under
     a function mode that records every torch call returning a CPU tensor (the
     gradient penalty's epsilon once was one, which failed on CUDA with "Expected
-    all tensors to be on the same device").  SGD keeps no CPU step counters.
+    all tensors to be on the same device").  SGD keeps no CPU stage counters.
     The final conversion of the losses to Python floats cannot work on meta.
     """
     from torch.overrides import TorchFunctionMode

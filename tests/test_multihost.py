@@ -20,9 +20,16 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from progsr_jax import distill, main, progress
+from progsr_jax.errors import UserError
+from progsr_jax.inference import checkpoints
+from progsr_jax.training import reporting
+from progsr_jax.training.sr import config as sr_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
@@ -115,12 +122,7 @@ def _sr(runs, workdir, processes, *extra):
 
 def _final_state(workdir) -> dict:
     """The training state of the latest checkpoint, as numpy (path -> array)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from progsr_jax.training import checkpoint as ckpt_lib
-
-    mgr = ckpt_lib.manager(str(workdir), create=False)
+    mgr = checkpoints.manager(str(workdir), create=False)
     step = mgr.latest_step()
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     mgr.close()
@@ -280,9 +282,6 @@ def test_distill_two_processes_like_one(runs, synthetic_teacher):
 
 
 def test_launch_flags_need_multihost():
-    from progsr_jax import distill, main
-    from progsr_jax.errors import UserError
-
     with pytest.raises(UserError, match="--num_processes needs --multihost"):
         main.main(["main", "--config=configs/step3.py:smoke", "--workdir=/nonexistent",
                    "--num_processes=2"])
@@ -295,17 +294,12 @@ def test_launch_flags_need_multihost():
 
 
 def test_divisibility_error_says_what_to_set(tiny_config):
-    from progsr_jax.errors import UserError
-    from progsr_jax.training import sr_config
-
     with pytest.raises(UserError, match=r"set --config.batch_size to a multiple of 4 \(e.g. 4"):
         sr_config.validate(tiny_config(batch_size=6), num_devices=4)
 
 
 def test_plain_progress_lines_when_not_a_terminal(tmp_path, capsys):
     """Where stderr is not a terminal the bar is one plain line per log interval."""
-    from progsr_jax.training import reporting
-
     reporter = reporting.Reporter(str(tmp_path), writer=True)
     try:
         with reporter.progress(10, 0, every=4) as bar:
@@ -322,8 +316,6 @@ def test_plain_progress_lines_when_not_a_terminal(tmp_path, capsys):
 
 
 def test_only_the_writer_writes(tmp_path, capsys):
-    from progsr_jax.training import reporting
-
     reporter = reporting.Reporter(str(tmp_path / "w"), writer=False)
     reporter.info("hello")
     reporter.scalars(3, {"loss": 1.5})
@@ -337,8 +329,6 @@ def test_only_the_writer_writes(tmp_path, capsys):
 def test_data_progress_is_plain_lines_when_not_a_terminal(capsys):
     """Every long step's progress (decoding, TFDS, evaluate, infer) prints whole lines off a
     terminal: no carriage returns, a line at the end."""
-    from progsr_jax import progress
-
     items = list(progress.track(range(5), 5, "decoding images", "img"))
     assert items == list(range(5))
     err = capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Faces in photos: MTCNN port (weights, parity), detection, landmarks, alignment, paste-back, and the
-whole pipeline (``photo.restore``, ``SuperResolver.restore``, ``infer --mode=photo``).
+whole pipeline (``photo.restore``, ``infer --mode=photo``).
 
 Needs the MTCNN weights of ``pip install --no-deps facenet-pytorch==2.6.0``
 (skipped with that hint otherwise), the real faces in ``../shared``
@@ -22,10 +22,13 @@ import types
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
-from progsr_jax.errors import UserError
-from progsr_jax.photo import align, detection, mtcnn, paste, pipeline
+from progsr_jax import data, infer, inference, photo
+from progsr_jax.data.crops import read_pts
+from progsr_jax.errors import UserError, run_cli
+from progsr_jax.interop.torch_pickle import load_torch_file
+from progsr_jax.photo import align, detection, folders, mtcnn, paste, restoration
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_SAMPLE = 50
@@ -69,8 +72,6 @@ def celeba_val(detector, celeba_root):
 @pytest.fixture(scope="module")
 def faces68(detector, faces68_root):
     """50 300-W-format faces (AFW, Helen, FFHQ), their 68 points and the detected faces."""
-    from progsr_jax.landmarks import read_pts
-
     pts_files = sorted(faces68_root.glob("*/*.pts"))
     pick = np.random.default_rng(14).choice(len(pts_files), N_SAMPLE, replace=False)
     out = []
@@ -153,7 +154,6 @@ def test_inference_imports_neither_torch_nor_facenet(weights, tmp_path):
 def torch_nets(weights):
     torch = pytest.importorskip("torch")
     from progsr_jax.interop.pytorch import mtcnn as torch_mtcnn
-    from progsr_jax.interop.torch_pickle import load_torch_file
 
     torch.set_num_threads(2)
     return {n: torch_mtcnn.load(n, load_torch_file(weights / f"{n}.pt")) for n in mtcnn.NET_NAMES}
@@ -486,12 +486,10 @@ def test_native_upscale_puts_128_pixels_across_the_crop():
 
 
 # ---------------------------------------------------------------------------
-# The pipeline: photo.restore / SuperResolver.restore / infer --mode=photo
+# The pipeline: photo.restore / infer --mode=photo
 
 
 def _oval_mask(size, feather):
-    from PIL import ImageDraw, ImageFilter
-
     m = Image.new("L", size, 0)
     ImageDraw.Draw(m).ellipse((feather, feather, size[0] - 1 - feather, size[1] - 1 - feather), fill=255)
     return m.filter(ImageFilter.GaussianBlur(feather / 2))
@@ -544,8 +542,6 @@ def _coverage(img, transforms, size):
 
 
 def test_restore_finds_and_restores_every_face(detector, group, fake_sr_type):
-    from progsr_jax import photo
-
     sr = fake_sr_type()
     r = photo.restore_photo(sr, group, upscale=2.0, detector=detector)
     assert len(r.faces) == len(GROUP_LAYOUT)
@@ -577,14 +573,10 @@ def test_restore_finds_and_restores_every_face(detector, group, fake_sr_type):
 
 
 def data_preprocess_16(aligned128: np.ndarray) -> np.ndarray:
-    from progsr_jax import data
-
     return data.preprocess(Image.fromarray(aligned128), crop="none")[16]
 
 
 def test_restore_options_and_batches(detector, group, fake_sr_type):
-    from progsr_jax import photo
-
     sr = fake_sr_type()
     _, faces = photo.restore(sr, group, upscale=1.5, detector=detector, batch_size=4)
     assert sr.calls == [4, 1] and len(faces) == 5
@@ -598,7 +590,6 @@ def test_restore_options_and_batches(detector, group, fake_sr_type):
     nearest = min(faces, key=lambda f: np.hypot(*((f.box[:2] + f.box[2:]) / 2 - centre)))
     assert len(one) == 1 and _in_tile(one[0].box, GROUP_LAYOUT[1])  # centred near (200, 85)
     np.testing.assert_allclose(one[0].box, nearest.box)
-    assert [pipeline.batch_rows(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
     for bad in ("big", 0, -2.0, float("nan")):
         with pytest.raises(UserError, match="upscale"):
             photo.restore(sr, group, upscale=bad, detector=detector)
@@ -609,8 +600,6 @@ def test_restore_options_and_batches(detector, group, fake_sr_type):
 
 
 def test_restore_without_faces_returns_the_photo(detector, fake_sr_type):
-    from progsr_jax import photo
-
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:120, 0:160]
     img = Image.fromarray((np.stack([xx, yy, 0 * xx + 90], -1) + rng.integers(0, 6, (120, 160, 3))).astype(np.uint8))
@@ -622,14 +611,11 @@ def test_restore_without_faces_returns_the_photo(detector, fake_sr_type):
     assert faces == [] and np.array_equal(np.asarray(out), np.asarray(img.resize((480, 360), Image.BICUBIC)))
 
 
-def test_super_resolver_restore_method(detector, group, tiny_checkpoint):
-    from progsr_jax import inference
-
+def test_restore_with_a_loaded_checkpoint(detector, group, tiny_checkpoint):
     sr = inference.load(str(tiny_checkpoint))
-    restored, faces = sr.restore(group, upscale=1.0, detector=detector, max_faces=1)
+    restored, faces = photo.restore(sr, group, upscale=1.0, detector=detector, max_faces=1)
     assert restored.size == group.size and len(faces) == 1
     # the record's result is the model's output on its LR input
-    from progsr_jax import data
 
     expected = data.to_uint8(np.asarray(sr(data.to_float(faces[0].lr[None]))))[0]
     np.testing.assert_array_equal(faces[0].sr, expected)
@@ -637,9 +623,6 @@ def test_super_resolver_restore_method(detector, group, tiny_checkpoint):
 
 def test_infer_photo_mode_end_to_end(tmp_path, weights, group, celeba_val, tiny_checkpoint, capsys):
     """Folder of photos through the command: files, faces.json, bicubic outside the masks, skips."""
-    from progsr_jax import infer
-    from progsr_jax.errors import run_cli
-
     src = tmp_path / "photos"
     (src / "sub").mkdir(parents=True)
     group.save(src / "group.jpg", quality=95)
@@ -701,9 +684,6 @@ def test_infer_photo_mode_end_to_end(tmp_path, weights, group, celeba_val, tiny_
 
 
 def test_photo_mode_without_detector_weights_names_the_pip_command(tmp_path, capsys):
-    from progsr_jax import infer
-    from progsr_jax.errors import run_cli
-
     Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: infer.main(["infer", "--mode=photo", f"--checkpoint={tmp_path}",
@@ -721,23 +701,18 @@ def test_photo_mode_without_detector_weights_names_the_pip_command(tmp_path, cap
 
 
 def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
-    from progsr_jax import infer
-
     img = Image.fromarray(np.arange(30 * 20 * 3, dtype=np.uint8).reshape(20, 30, 3))
     exif = Image.Exif()
     exif[0x0112] = 6  # the camera was turned: rotate 90 degrees clockwise to view
     img.save(tmp_path / "turned.jpg", exif=exif, quality=95)
     img.save(tmp_path / "plain.png")
-    assert infer.open_photo(str(tmp_path / "turned.jpg")).size == (20, 30)
-    assert infer.open_photo(str(tmp_path / "plain.png")).size == (30, 20)
+    assert folders.open_photo(str(tmp_path / "turned.jpg")).size == (20, 30)
+    assert folders.open_photo(str(tmp_path / "plain.png")).size == (30, 20)
 
 
 def test_faces_above_max_face_are_left_exactly_as_they_are(tmp_path, weights, group,
                                                            tiny_checkpoint, capsys):
     """Default options on a photo of 70-130 px faces: written back unchanged, faces.json says why."""
-    from progsr_jax import infer
-    from progsr_jax.photo import pipeline
-
     src = tmp_path / "group.jpg"
     group.save(src, quality=90)
     for upscale in ("1", "auto"):
@@ -755,8 +730,8 @@ def test_faces_above_max_face_are_left_exactly_as_they_are(tmp_path, weights, gr
         entries = json.loads((out / "faces.json").read_text())["group.jpg"]
         assert len(entries) == len(GROUP_LAYOUT)
         for k, e in enumerate(entries):
-            assert e["restored"] is False and e["span"] > pipeline.DEFAULT_MAX_FACE
-            assert f"> max_face {pipeline.DEFAULT_MAX_FACE:g} px" in e["reason"]
+            assert e["restored"] is False and e["span"] > restoration.DEFAULT_MAX_FACE
+            assert f"> max_face {restoration.DEFAULT_MAX_FACE:g} px" in e["reason"]
             assert "sr" not in e and (out / e["aligned"]).exists() and (out / e["lr"]).exists()
         assert not list(out.glob("*_sr.png"))
     # --max_face=0 restores them anyway.

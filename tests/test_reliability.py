@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from progsr_jax import inference
+from progsr_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
@@ -100,7 +102,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def _image_folder(folder, n_good=40):
-    from progsr_jax.data import synthetic
     folder.mkdir()
     faces, _ = synthetic.synthetic_dataset(n_good, seed=3)
     for i, face in enumerate(faces):
@@ -118,7 +119,6 @@ def _image_folder(folder, n_good=40):
 
 
 def _jpeg_bytes(img):
-    import io
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=95)
     return buf.getvalue()

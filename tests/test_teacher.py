@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
 
+from progsr_jax import data
 from progsr_jax.data import teacher
 from progsr_jax.errors import UserError
+from progsr_jax.interop.torch_pickle import load_torch_file
 
 torch = pytest.importorskip("torch")
 
 
 def _inputs64(celeba_root, n):
-    from progsr_jax import data
-
     paths = data.list_files("celeba", celeba_root, "train")[:n]
     return paths, np.stack([data.preprocess(data.open_image(p))[64] for p in paths]).astype(np.float32) / 255.0
 
@@ -56,8 +57,6 @@ def _args(**kw):
 
 
 def test_distilled_teacher_end_to_end_and_resume(tmp_path, celeba_root, distilled_fan_file, convert_fan_tool):
-    from progsr_jax.interop.torch_pickle import load_torch_file
-
     tool = convert_fan_tool
     out = tmp_path / "teacher"
     common = ["convert_fan_weights.py", "teacher-heatmaps", "--teacher=distilled", "--no_progress",
@@ -114,13 +113,10 @@ def test_distilled_teacher_end_to_end_and_resume(tmp_path, celeba_root, distille
 
 
 def test_uint8_storage(tmp_path, celeba_root, distilled_fan_file, convert_fan_tool):
-    from progsr_jax.interop.torch_pickle import load_torch_file
-
     out = tmp_path / "q"
     convert_fan_tool.main(["convert_fan_weights.py", "teacher-heatmaps", "--teacher=distilled", "--no_progress", "--dtype=uint8",
                   *_args(weights=distilled_fan_file, data_root=celeba_root, split="val", limit=5,
                          batch_size=4, output=out)])
-    from progsr_jax import data
 
     paths = data.list_files("celeba", celeba_root, "val")[:5]
     x = np.stack([data.preprocess(data.open_image(p))[64] for p in paths]).astype(np.float32) / 255.0
@@ -183,10 +179,6 @@ def test_torchscript_and_bad_inputs(tmp_path, celeba_root, convert_fan_tool):
 
 
 def test_folder_source_with_unreadable_image(tmp_path, celeba_root, distilled_fan_file, convert_fan_tool):
-    import shutil
-
-    from progsr_jax import data
-
     root = tmp_path / "imgs"
     root.mkdir()
     for i, p in enumerate(data.list_files("celeba", celeba_root, "val")[:2]):

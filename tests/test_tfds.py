@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from progsr_jax import data
+from progsr_jax import data, infer
 from progsr_jax.data import celeba_tfds
 from progsr_jax.errors import UserError
+from progsr_jax.evaluation import sr as sr_eval
+from progsr_jax.training.sr import trainer as sr
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="pip install -e '.[tfds]'")
 
@@ -88,8 +90,6 @@ def test_tfds_image_equals_folder_source_for_the_same_pixels(mock_celeb_a, tmp_p
 
 
 def test_tfds_smoke_training_run(mock_celeb_a, tmp_path, tiny_config):
-    from progsr_jax.training import sr
-
     c = tiny_config(**{"data.source": "celeba", "data.root": None,
                        "data.tfds_data_dir": mock_celeb_a, "val.num_images": 4,
                        "val.batch_size": 4})
@@ -123,8 +123,6 @@ def test_tfds_offline_main_ends_in_one_line(tmp_path):
 
 
 def test_tfds_evaluate_reads_the_test_split(mock_celeb_a, tmp_path, monkeypatch):
-    from progsr_jax.evaluation import sr as sr_eval
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the decode cache
     cfg = sr_eval.EvalConfig(data_root=mock_celeb_a, output=str(tmp_path / "out"),
                              method="bicubic", source="tfds", split="test", lpips=False,
@@ -136,8 +134,6 @@ def test_tfds_evaluate_reads_the_test_split(mock_celeb_a, tmp_path, monkeypatch)
 
 
 def test_tfds_infer_writes_the_test_split(mock_celeb_a, tmp_path, monkeypatch, tiny_checkpoint):
-    from progsr_jax import infer
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     out = infer.run(str(tiny_checkpoint), None, str(tmp_path / "out"), source="tfds",
                     split="test", limit=4, data_root=mock_celeb_a, progress=False,

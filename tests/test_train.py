@@ -12,10 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from progsr_jax import inference, losses, models
+from progsr_jax import inference
+from progsr_jax.errors import UserError
+from progsr_jax.interop import state_dict as convert
+from progsr_jax.nets import gan, losses, vgg
+from progsr_jax.nets.fan import StudentFAN
 from progsr_jax.training import config as config_files
-from progsr_jax.training import sr as train
-from progsr_jax.training import sr_config
+from progsr_jax.training.sr import config as sr_config
+from progsr_jax.training.sr import trainer as train
+from progsr_jax.training.sr import validation as sr_validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +38,6 @@ def test_alpha_schedule_matches_authors_code():
 
 
 def test_config_validation_messages(tiny_config):
-    from progsr_jax.errors import UserError
     for field, value, msg in [("batch_size", 0, "batch_size"), ("final_stage", 4, "final_stage"),
                               ("model.dtype", "float16", "model.dtype"),
                               ("loss.pixel", "l3", "loss.pixel")]:
@@ -68,18 +72,17 @@ torch = pytest.importorskip("torch", reason="the PyTorch parity of the D loss ne
 
 
 def test_discriminator_loss_matches_pytorch_autograd():
-    from progsr_jax.interop import state_dict as convert
     from progsr_jax.interop.pytorch import reference as tr
     torch.manual_seed(0)
     td = tr.Discriminator(width=0.125)
-    d, ref = models.init_discriminator(jax.random.PRNGKey(0), width=0.125)
+    d, ref = gan.init_discriminator(jax.random.PRNGKey(0), width=0.125)
     sd = {k: v.detach().numpy().copy() for k, v in td.state_dict().items()}
     variables = convert.state_dict_to_variables(sd, ref)
     rng = np.random.default_rng(0)
     real = rng.uniform(-1, 1, (4, 64, 64, 3)).astype(np.float32)
     fake = rng.uniform(-1, 1, (4, 64, 64, 3)).astype(np.float32)
     eps = rng.uniform(size=(4, 1, 1, 1)).astype(np.float32)
-    d_apply = lambda x: d.apply(variables, x, step=2, alpha=0.3)  # noqa: E731
+    d_apply = lambda x: d.apply(variables, x, stage=2, alpha=0.3)  # noqa: E731
     loss, aux = losses.discriminator_loss(d_apply, real, fake, eps)
 
     t = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
@@ -112,8 +115,6 @@ def test_heatmap_normalisation_modes():
 
 @pytest.fixture(scope="module")
 def step_setup(tiny_config):
-    from progsr_jax import vgg
-    from progsr_jax.fan import StudentFAN
     c = tiny_config()
     state, g, d = train.create_train_state(c, jax.random.PRNGKey(0))
     fan = StudentFAN(width=0.25)
@@ -186,7 +187,7 @@ def test_training_is_deterministic_and_resume_is_exact(tmp_path, tiny_config):
     sr_a, out_a = _final_generator(tmp_path / "a")
     _, out_b = _final_generator(tmp_path / "b")
     _, out_c = _final_generator(tmp_path / "c")
-    assert sr_a.step == 3 and sr_a.alpha == 1.0 and out_a.shape == (2, 128, 128, 3)
+    assert sr_a.stage == 3 and sr_a.alpha == 1.0 and out_a.shape == (2, 128, 128, 3)
     np.testing.assert_array_equal(out_a, out_b)
     np.testing.assert_array_equal(out_a, out_c)
 
@@ -206,7 +207,6 @@ def test_training_is_deterministic_and_resume_is_exact(tmp_path, tiny_config):
 
 @pytest.mark.slow
 def test_resume_with_other_width_is_refused(tmp_path, tiny_config):
-    from progsr_jax.errors import UserError
     c = tiny_config(final_stage=1)
     c.data.cache_dir = str(tmp_path / "cache")
     train.train_and_evaluate(c, str(tmp_path / "w"))
@@ -234,7 +234,6 @@ def test_main_misuse_is_one_line_error(tmp_path, args, needle):
 
 
 def test_inference_load_of_empty_directory_is_refused(tmp_path):
-    from progsr_jax.errors import UserError
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(UserError, match="no checkpoint"):
         inference.load(str(tmp_path))
@@ -290,8 +289,6 @@ def test_cosine_decay_only_over_the_final_stage(tiny_config):
 
 
 def test_validation_set_is_held_out_from_the_training_source(tiny_config):
-    from progsr_jax.training import sr_validation
-
     c = tiny_config(**{"val.num_images": 5})
     v = sr_validation.data_config(c)
     assert v.source == "synthetic" and v.num_synthetic == 5 and v.seed != c.seed

@@ -6,11 +6,11 @@ Commands
 ``distilled --input FILE --output DIR``
     Converts the released distilled FAN (``compressed_model_011000.pth``, a
     legacy whole-module pickle) or any state dict of the same layout into an
-    Orbax checkpoint for :class:`progsr_jax.fan.StudentFAN`, plus
+    Orbax checkpoint for :class:`progsr_jax.nets.fan.StudentFAN`, plus
     ``fan_meta.json``.  The file is read with :mod:`progsr_jax.interop.torch_pickle`
     (no torch, no arbitrary code): a file that references anything but
     tensors and known layer records is refused.  Load the result with
-    ``progsr_jax.fan.load(DIR)``.
+    ``progsr_jax.nets.fan.load(DIR)``.
 
 ``teacher-heatmaps --teacher=fan4|distilled --weights=FILE --data_root=ROOT --split=... --output=DIR``
     Runs a PyTorch teacher over the 64x64 step-2 targets of a split and
@@ -38,13 +38,17 @@ import sys
 from typing import Sequence
 
 import numpy as np
-
 from absl import flags
+from tqdm import tqdm
 
-from progsr_jax import cli
+from progsr_jax import cli, data
 from progsr_jax.data import teacher as teacher_io
 from progsr_jax.errors import UserError
+from progsr_jax.interop.state_dict import state_dict_to_variables
 from progsr_jax.interop.torch_pickle import UnsafePickleError, load_torch_file
+from progsr_jax.nets import fan as fan_lib
+from progsr_jax.nets.fan import StudentFAN, abstract_variables
+from progsr_jax.nets.layers import count_params
 
 COMMANDS = ("distilled", "teacher-heatmaps")
 
@@ -76,11 +80,6 @@ def read_state_dict(path: str) -> dict:
 
 def convert_distilled(input_path: str, output_dir: str, width: float = 1.0) -> dict:
     sd = read_state_dict(input_path)  # before importing jax: refuse bad files fast
-
-    from progsr_jax import fan as fan_lib
-    from progsr_jax.fan import StudentFAN, abstract_variables
-    from progsr_jax.interop.state_dict import state_dict_to_variables
-    from progsr_jax.layers import count_params
 
     module = StudentFAN(width=width)
     reference = abstract_variables(module)  # shapes only (random init is slow on CPU)
@@ -144,8 +143,6 @@ def build_teacher(kind: str, weights: str, device):
 
 
 def _load_64(path: str, crop: str):
-    from progsr_jax import data
-
     try:
         img = data.open_image(path)
         return data.preprocess(img, crop=crop)[64], None
@@ -170,8 +167,6 @@ def teacher_heatmaps(*, teacher: str, weights: str, data_root: str, split: str, 
                      workers: int = 4, device: str | None = None, overwrite: bool = False,
                      allow_tf32: bool = False, progress: bool = True) -> dict:
     """Writes teacher heatmaps for a split into ``output`` (resuming); returns a summary."""
-    from progsr_jax import data
-
     torch = _import_torch()
     if teacher not in ("fan4", "distilled"):
         raise UserError(f"--teacher must be fan4 or distilled, not {teacher!r}")
@@ -255,7 +250,6 @@ def teacher_heatmaps(*, teacher: str, weights: str, data_root: str, split: str, 
     _, run = build_teacher(teacher, weights, dev)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=sum(min(chunk_size, n - c * chunk_size) for c in todo), unit="img",
                    desc=f"{teacher} heatmaps", file=sys.stderr)
     pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))

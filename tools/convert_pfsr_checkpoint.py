@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 from absl import flags
 
 from progsr_jax import cli
 from progsr_jax.errors import UserError
+from progsr_jax.inference import checkpoints as checkpoint
+from progsr_jax.interop.state_dict import state_dict_to_variables
+from progsr_jax.nets import gan
 
 
 def read_official(path: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -61,21 +65,15 @@ def _width(sd: dict, key: str, base: int) -> float:
 
 
 def convert(generator: str, discriminator: str | None, output: str) -> dict:
-    import jax
-
-    from progsr_jax import models
-    from progsr_jax import checkpoints as checkpoint
-    from progsr_jax.interop.state_dict import state_dict_to_variables
-
     g_sd, info = read_official(generator)
     width = _width(g_sd, "step1.0.weight", 512)
-    _, g_ref = models.init_generator(0, width)
-    g_vars = state_dict_to_variables(g_sd, jax.device_get(g_ref), models.G_CONV_TRANSPOSE,
+    _, g_ref = gan.init_generator(0, width)
+    g_vars = state_dict_to_variables(g_sd, jax.device_get(g_ref), gan.G_CONV_TRANSPOSE,
                                      what=f"generator checkpoint {generator}")
     d_vars = None
     if discriminator:
         d_sd, _ = read_official(discriminator)
-        _, d_ref = models.init_discriminator(0, _width(d_sd, "from_rgb.0.weight", 256))
+        _, d_ref = gan.init_discriminator(0, _width(d_sd, "from_rgb.0.weight", 256))
         d_vars = state_dict_to_variables(d_sd, jax.device_get(d_ref),
                                          what=f"discriminator checkpoint {discriminator}")
     step = int(info.get("step", 3))

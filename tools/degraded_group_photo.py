@@ -40,12 +40,19 @@ import io
 import os
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 from absl import flags
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from progsr_jax import cli
+from progsr_jax import cli, data
+from progsr_jax.data.crops import read_pts
+from progsr_jax.data.reading import make_writable_dir
 from progsr_jax.errors import UserError
+from progsr_jax.infer import load_model
+from progsr_jax.photo import align, detection, paste
+from progsr_jax.photo import restoration as pipeline
+from progsr_jax.photo.folders import open_photo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,10 +110,6 @@ def shared_dir(flag: str | None) -> str:
 
 def aligned_faces(shared: str) -> list[Image.Image]:
     """:data:`LAYOUT`'s faces, each as its 178x218 aligned-CelebA frame."""
-    from progsr_jax import data
-    from progsr_jax.landmarks import read_pts
-    from progsr_jax.photo import align
-
     val = data.list_files("celeba", os.path.join(shared, "data", "celeba"), "val")
     frames = []
     for source, *_ in LAYOUT:
@@ -163,8 +166,6 @@ def compose(frames: Sequence[Image.Image], back: Image.Image, factor: int) -> Im
 
 def degrade(hr: Image.Image, factor: int, blur: float, noise: float, seed: int) -> np.ndarray:
     """The camera before its JPEG encoder: area downscale, Gaussian blur, sensor noise (uint8)."""
-    import cv2
-
     x = np.asarray(hr.reduce(factor) if factor > 1 else hr, np.float32)
     if blur > 0:
         x = cv2.GaussianBlur(x, (0, 0), sigmaX=blur, borderType=cv2.BORDER_REFLECT)
@@ -176,8 +177,6 @@ def degrade(hr: Image.Image, factor: int, blur: float, noise: float, seed: int) 
 
 def save_jpeg(arr: np.ndarray, path: str, quality: int) -> Image.Image:
     """Saves the photo as a JPEG and returns it as decoded from that file."""
-    from progsr_jax.photo.files import open_photo
-
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     try:
@@ -190,8 +189,6 @@ def save_jpeg(arr: np.ndarray, path: str, quality: int) -> Image.Image:
 
 def load_models(checkpoints: Sequence[tuple[str, str]]) -> list:
     """Every model (:func:`progsr_jax.infer.load_model`); UserError for one that is not stage 3."""
-    from progsr_jax.infer import load_model
-
     models = []
     for name, path in checkpoints:
         model = load_model(path)
@@ -206,8 +203,6 @@ def load_models(checkpoints: Sequence[tuple[str, str]]) -> list:
 def zoom_boxes(faces, size: tuple[int, int], upscale: float, count: int = 2) -> list:
     """``[(box in output pixels, span)]``: squares 1.1 spans wide around ``count`` faces spread
     over the sizes found (the smallest and the largest for 2), kept inside an output of ``size``."""
-    from progsr_jax.photo import align
-
     order = sorted(faces, key=lambda f: f.span)
     pick = sorted({round(i) for i in np.linspace(0, len(order) - 1, min(count, len(order)))})
     boxes = []
@@ -259,8 +254,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     jpeg = os.path.abspath(fv.input_jpeg or output[:-4] + "_input.jpg")
     checkpoints = cli.named_checkpoints(fv.checkpoint)
     shared = shared_dir(fv.shared)
-    from progsr_jax.data.loading import make_writable_dir
-    from progsr_jax.photo import detection, paste, pipeline
 
     for folder in {os.path.dirname(output), os.path.dirname(jpeg)}:
         make_writable_dir(folder, folder)

@@ -11,7 +11,7 @@ face that already spans more than 16 pixels loses detail on the way in.  This
 tool measures, for held-out faces reduced to ``d`` pixels, what the model makes
 of them against PIL bicubic from the same ``d``-pixel face; the largest ``d``
 at which the model still wins is what the photo pipeline's default
-``--max_face`` (``progsr_jax.photo.pipeline.DEFAULT_MAX_FACE``) should be.
+``--max_face`` (``progsr_jax.photo.restoration.DEFAULT_MAX_FACE``) should be.
 
 1. **Faces.** The files and preprocessing of ``evaluate``
    (``progsr_jax.evaluation.sr.list_eval_files``): ``--source=celeba``
@@ -83,13 +83,19 @@ import math
 import os
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 from absl import flags
 from PIL import Image
 
-from progsr_jax import cli
+from progsr_jax import cli, data
+from progsr_jax import progress as progress_lib
+from progsr_jax.data import crops, reading
 from progsr_jax.errors import UserError
+from progsr_jax.evaluation import sr
 from progsr_jax.evaluation.sweep_plot import render_plot
+from progsr_jax.photo import align
+from progsr_jax.photo.restoration import DEFAULT_MAX_FACE
 
 DEGRADATIONS = ("none", "camera")
 MODEL_INPUTS = ("resize", "pipeline")
@@ -191,8 +197,6 @@ def camera(small: np.ndarray, seed: int, position: int, blur: float = 0.6, noise
     The noise is drawn from ``default_rng([seed, position, d])``; the result
     depends on nothing else.
     """
-    import cv2
-
     x = np.asarray(small, np.float32)
     if blur > 0:
         x = cv2.GaussianBlur(x, (0, 0), sigmaX=blur, borderType=cv2.BORDER_REFLECT)
@@ -224,8 +228,6 @@ def small_face(hr: np.ndarray, d: int, degradation: str, seed: int, position: in
 def aligned_frame(small: np.ndarray) -> Image.Image:
     """The 178x218 aligned frame of a square face whose d pixels span the 178x178 crop, warped
     as the photo pipeline warps a face (``photo.align.warp_to_aligned``)."""
-    from progsr_jax.photo import align
-
     d = small.shape[0]
     s = align.CROP_SIZE / d
     # face pixel p (centre at p, covering p - 1/2 .. p + 1/2) -> crop pixels s*p .. s*(p+1)
@@ -248,16 +250,12 @@ def model_input(small: np.ndarray, mode: str = "pipeline") -> np.ndarray:
         return np.asarray(Image.fromarray(small).resize((LR_SIZE, LR_SIZE), Image.BICUBIC),
                           np.uint8)
     if mode == "pipeline":
-        from progsr_jax.photo import align
-
         return align.model_inputs(aligned_frame(small))[LR_SIZE]
     raise UserError(f"unknown --model_input={mode}; expected one of {', '.join(MODEL_INPUTS)}")
 
 
 def read_faces(fv) -> tuple[list[str], list[int], np.ndarray, list[tuple[str, str]], str]:
     """(files, positions, (N, 128, 128, 3) uint8, skipped, root): ``evaluate``'s listing."""
-    from progsr_jax.evaluation import crops, sr
-
     cfg = sr.EvalConfig(data_root=fv.data_root, output=fv.output, split=fv.split,
                         source=fv.source, offset=fv.offset, limit=fv.limit, lpips=False,
                         workers=fv.workers, progress=fv.progress)
@@ -265,7 +263,7 @@ def read_faces(fv) -> tuple[list[str], list[int], np.ndarray, list[tuple[str, st
     root = os.path.abspath(os.path.expanduser(fv.data_root))
     position = {f: fv.offset + i for i, f in enumerate(files)}
     names, faces, skipped = [], [], []
-    for batch in crops.loaded_batches(files, loader, 64, skipped, fv.workers,
+    for batch in reading.loaded_batches(files, loader, 64, skipped, fv.workers,
                                       desc="reading faces", progress=fv.progress):
         for path, arrays in batch:
             names.append(path)
@@ -282,8 +280,6 @@ def read_faces(fv) -> tuple[list[str], list[int], np.ndarray, list[tuple[str, st
 # --------------------------------------------------------------- the sweep
 def load_models(checkpoints: Sequence[tuple[str, str]], batch_size: int) -> list:
     """``evaluate``'s model method per checkpoint; UserError for one that is not stage 3."""
-    from progsr_jax.evaluation import sr
-
     methods = []
     for name, path in checkpoints:
         method = sr.ModelMethod(path, batch_size, clip=True)
@@ -304,9 +300,6 @@ def sweep(hr: np.ndarray, positions: Sequence[int], models: dict, sizes: Sequenc
     ``models``: ``{name: callable (N, 16, 16, 3) uint8 -> (N, 128, 128, 3) float in [0, 1]}``;
     ``scorer``: ``BatchScorer``-like, ``(sr, hr, batch_size) -> ({metric: (n,)}, _)``.
     """
-    from progsr_jax import data
-    from progsr_jax import progress as progress_lib
-
     n = len(hr)
     batch_size = min(batch_size, n)  # fewer faces than a batch: no padding to score
     target = np.asarray(hr, np.float32) / np.float32(255.0)
@@ -456,10 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = parse_sizes(fv.sizes)
     degradations = parse_degradations(fv.degradation)
     checkpoints = cli.named_checkpoints(fv.checkpoint, reserved=("bicubic",))
-    from progsr_jax.evaluation import crops, sr
-    from progsr_jax.photo.pipeline import DEFAULT_MAX_FACE
 
-    out_dir = crops.check_output(fv.output)
+    out_dir = reading.check_output(fv.output)
     models = load_models(checkpoints, fv.batch_size)  # a bad checkpoint fails before the work
     names, positions, hr, skipped, root = read_faces(fv)
     scorer = sr.BatchScorer(bool(fv.lpips), pfsr=False)

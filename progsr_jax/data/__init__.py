@@ -2,31 +2,49 @@
 
 The path of an image through the pipeline:
 
-1. :mod:`~progsr_jax.data.files` lists the image files of a split (CelebA
+1. :mod:`~progsr_jax.data.splits` lists the image files of a split (CelebA
    official or Kaggle layout, or any folder of images);
    :mod:`~progsr_jax.data.celeba_tfds` reads CelebA through TFDS instead and
    :mod:`~progsr_jax.data.synthetic` draws procedural faces with landmarks.
 2. :mod:`~progsr_jax.data.images` decodes one file to RGB and applies the
    paper's preprocessing (center crop 178, bilinear 128 -> 64 -> 32 -> 16).
-3. :mod:`~progsr_jax.data.pipeline` (:func:`build_dataset`) does that once
+3. :mod:`~progsr_jax.data.dataset` (:func:`build_dataset`) does that once
    for every file, in worker processes, into the memory-mapped
    :mod:`~progsr_jax.data.cache`.
 4. :mod:`~progsr_jax.data.batches` draws deterministic batches (a pure
    function of ``(seed, step)``) and prefetches them to the devices.
 
 :mod:`~progsr_jax.data.teacher` reads the teacher heatmaps used to distil the
-landmark network; :mod:`~progsr_jax.data.loading` decodes a list of files in
+landmark network; :mod:`~progsr_jax.data.reading` decodes a list of files in
 threads for the commands (evaluate, infer) and checks their output folders.  The
 names below are the public API of the package.
 """
 
-from progsr_jax.data.batches import (Prefetcher, assemble, batch_indices, batch_loader, gather,
-                                     get_batch, local_rows, measure_throughput)
+from progsr_jax.data.batches import (
+                                     Prefetcher,
+                                     assemble,
+                                     batch_indices,
+                                     batch_loader,
+                                     gather,
+                                     get_batch,
+                                     local_rows,
+                                     measure_throughput,
+)
 from progsr_jax.data.cache import PREPROCESS_VERSION, Dataset
-from progsr_jax.data.files import IMAGE_EXTENSIONS, list_files
-from progsr_jax.data.images import (CELEBA_CROP, CROPS, RESOLUTIONS, BadImage, center_crop,
-                                    open_image, preprocess, to_float, to_uint8, upscale)
-from progsr_jax.data.pipeline import SOURCES, build_dataset
+from progsr_jax.data.dataset import SOURCES, build_dataset
+from progsr_jax.data.images import (
+                                     CELEBA_CROP,
+                                     CROPS,
+                                     RESOLUTIONS,
+                                     BadImage,
+                                     center_crop,
+                                     open_image,
+                                     preprocess,
+                                     to_float,
+                                     to_uint8,
+                                     upscale,
+)
+from progsr_jax.data.splits import IMAGE_EXTENSIONS, list_files
 
 __all__ = [
     "BadImage", "CELEBA_CROP", "CROPS", "Dataset", "IMAGE_EXTENSIONS", "PREPROCESS_VERSION",

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+import jax
 import numpy as np
 
 from progsr_jax.data import degradation as degradation_lib
@@ -131,8 +132,6 @@ def assemble(local: Any, sharding: Any) -> Any:
     rows (:func:`local_rows`) and nothing is exchanged between processes; with
     one process this is ``jax.device_put(local, sharding)``.
     """
-    import jax
-
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 

@@ -1,10 +1,8 @@
-"""What the evaluation commands share: face crops and the loaders built on them.
+"""Face crops of image files, and the loaders built on them.
 
-``evaluate`` and ``evaluate_landmarks`` read a list of image files through
-:class:`Loader` (or :class:`DatasetLoader` for a built dataset), decoded in
-threads by :mod:`progsr_jax.data.loading` (re-exported here:
-:func:`iter_loaded`, :func:`loaded_batches`, :func:`check_output`,
-:func:`make_writable_dir`).
+``evaluate``, ``evaluate_landmarks`` and ``infer`` read a list of image files
+through :class:`Loader` (or :class:`DatasetLoader` for a built dataset),
+decoded in threads by :mod:`progsr_jax.data.reading`.
 
 Landmark crops (the unaligned-face setting): a square of side
 ``crop_scale`` x the larger side of the 68 landmarks' bounding box, centred
@@ -21,9 +19,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from progsr_jax import data
-from progsr_jax.data.loading import (  # noqa: F401 - re-exported for the commands
-    check_output, iter_loaded, loaded_batches, make_writable_dir)
+from progsr_jax.data.images import RESOLUTIONS, open_image, preprocess
 from progsr_jax.errors import UserError
 
 #: Landmark crops imitate the framing of the paper's CelebA crops (178x178 of
@@ -39,14 +35,44 @@ BOX_CROPS = ("landmarks", "square", "celeba")
 
 
 # --------------------------------------------------------- landmark crops
+def read_pts(path: str | os.PathLike) -> np.ndarray:
+    """Reads a 300-W ``.pts`` file (``version: 1``, ``n_points: N``, ``{ x y ... }``) -> (N, 2)."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    n = None
+    pts: list[list[float]] = []
+    inside = False
+    for ln in lines:
+        if ln.startswith("n_points"):
+            try:
+                n = int(ln.split(":", 1)[1])
+            except (IndexError, ValueError):
+                raise UserError(f"{path}: bad n_points line {ln!r}") from None
+        elif ln == "{":
+            inside = True
+        elif ln == "}":
+            inside = False
+        elif inside:
+            parts = ln.split()
+            try:
+                pts.append([float(parts[0]), float(parts[1])])
+            except (IndexError, ValueError):
+                raise UserError(f"{path}: bad point line {ln!r}") from None
+    if n is None or len(pts) != n:
+        raise UserError(f"{path} is not a valid .pts file (n_points={n}, {len(pts)} points read)")
+    return np.asarray(pts, np.float32)
+
+
 def read_landmarks(image_path: str) -> np.ndarray:
     """The 68 (x, y) points of ``<image>.pts`` beside an image; UserError-free.
 
     Raises ``ValueError`` (caught by the callers as "skip this file") when
     there is no readable ``.pts`` file.
     """
-    from progsr_jax.landmarks import read_pts
-
     pts_path = os.path.splitext(image_path)[0] + ".pts"
     if not os.path.isfile(pts_path):
         raise ValueError("no .pts landmark file beside the image")
@@ -119,12 +145,12 @@ class Loader:
         self.min_size = min_size
 
     def __call__(self, path: str) -> dict[int, np.ndarray]:
-        img = data.open_image(path, min_size=self.min_size)
+        img = open_image(path, min_size=self.min_size)
         if self.crop == "landmarks":
             left, top, side = landmark_box(read_landmarks(path), self.crop_scale,
                                            self.crop_shift)
-            return data.preprocess(crop_square(img, left, top, side), crop="none")
-        return data.preprocess(img, crop=self.crop)
+            return preprocess(crop_square(img, left, top, side), crop="none")
+        return preprocess(img, crop=self.crop)
 
 
 class DatasetLoader:
@@ -136,7 +162,7 @@ class DatasetLoader:
 
     def __call__(self, name: str) -> dict[int, np.ndarray]:
         i = self.index[name]
-        return {r: np.asarray(self.ds.images[r][i]) for r in data.RESOLUTIONS}
+        return {r: np.asarray(self.ds.images[r][i]) for r in RESOLUTIONS}
 
 
 def rel_path(path: str, root: str) -> str:

@@ -9,19 +9,22 @@ same files opens the cache directly.
 from __future__ import annotations
 
 import functools
+import multiprocessing as mp
 import os
 import re
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
 
 from PIL import Image
 
 from progsr_jax import progress as progress_lib
 from progsr_jax.data import cache as cache_lib
-from progsr_jax.data import celeba_tfds
+from progsr_jax.data import celeba_tfds, synthetic
 from progsr_jax.data import images as images_lib
 from progsr_jax.data.cache import CacheWriter, Dataset
-from progsr_jax.data.files import scan_split
 from progsr_jax.data.images import CROPS, RESOLUTIONS, BadImage, open_image, preprocess
+from progsr_jax.data.splits import scan_split
 from progsr_jax.errors import UserError
 
 SOURCES = ("synthetic", "celeba", "folder", "tfds")
@@ -92,10 +95,6 @@ def _start_pool(num_workers: int, log: Callable[[str], Any]):
     would replace them forever) and decoding falls back to in-process with a
     logged hint.
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
     if getattr(mp.current_process(), "_inheriting", False):
         # We are a worker re-importing an unguarded main script: stop here so
         # that the parent notices, instead of running the script in the worker.
@@ -118,8 +117,6 @@ def _decode_files(paths: list[str], writer: CacheWriter, *, pool: Any, num_worke
 
     Returns the ``(file, reason)`` of the files that could not be used.
     """
-    from concurrent.futures.process import BrokenProcessPool
-
     work = functools.partial(_decode_one, min_size=min_size,
                              max_pixels=images_lib.MAX_IMAGE_PIXELS, crop=crop)
     bad: list[tuple[str, str]] = []
@@ -303,8 +300,6 @@ def _report_skipped(ds: Dataset, total: int, strict: bool, log: Callable[[str], 
 
 
 def _build_synthetic(n: int, seed: int, entry: str | None, progress: bool) -> Dataset:
-    from progsr_jax.data import synthetic
-
     writer = CacheWriter(entry, n, with_landmarks=True)
     try:
         for i in progress_lib.track(range(n), n, "synthetic faces", "img", disable=not progress):

@@ -14,7 +14,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 
 from progsr_jax.errors import UserError
 
@@ -121,7 +121,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(gray, mode="L").convert("RGB")
     if mode == "LAB":
         # PIL has no direct LAB -> RGB conversion; go through an ICC transform.
-        from PIL import ImageCms
 
         transform = ImageCms.buildTransform(
             ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")

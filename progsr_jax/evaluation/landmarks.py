@@ -2,9 +2,9 @@
 
 The engine behind ``python -m progsr_jax.evaluate_landmarks`` (whose
 docstring tells the crops, the point mapping and the NME definition).  Each
-image is cropped (:func:`~progsr_jax.evaluation.crops.crop_box`) and resized
+image is cropped (:func:`~progsr_jax.data.crops.crop_box`) and resized
 like the training targets, its ``.pts`` points are mapped into that image
-(:func:`~progsr_jax.evaluation.crops.map_points`), and the network's decoded
+(:func:`~progsr_jax.data.crops.map_points`), and the network's decoded
 heatmaps (:func:`fan_landmarks`) are compared with them.
 """
 
@@ -19,9 +19,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from progsr_jax import data
+from progsr_jax.data import crops, reading
+from progsr_jax.data.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
 from progsr_jax.errors import UserError
-from progsr_jax.evaluation import crops
-from progsr_jax.evaluation.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
+from progsr_jax.evaluation import metrics
+from progsr_jax.nets import fan as fan_lib
 
 SIZES = (64, 128)
 CROPS = crops.BOX_CROPS
@@ -53,10 +55,8 @@ class _Loader:
 
 def fan_landmarks(fan, x: np.ndarray, size: int) -> np.ndarray:
     """(N, 68, 2) landmarks of ``fan`` on x (N, size, size, 3) in [0, 1], in input pixels."""
-    from progsr_jax import landmarks
-
     hm = np.asarray(fan(x))
-    pts = landmarks.heatmaps_to_landmarks(hm).astype(np.float64)
+    pts = fan_lib.heatmaps_to_landmarks(hm).astype(np.float64)
     hm_size = hm.shape[1]
     if hm_size != size:  # the heatmap is a whole square "crop" of the input
         pts = crops.map_points(pts, 0, 0, hm_size, size)
@@ -85,9 +85,6 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
                        limit: int | None = None, output: str | None = None, workers: int = 2,
                        progress: bool = True, log=print) -> dict:
     """NME of ``fan_dir`` on the images under ``data_root``; returns (and writes) the report."""
-    from progsr_jax import fan as fan_lib
-    from progsr_jax import landmarks
-
     if not fan_dir:
         raise UserError("--fan=DIR (a converted FAN folder) is required")
     if not data_root:
@@ -96,7 +93,7 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
         raise UserError(f"--size must be 64 or 128, got {size}")
     if crop_scale <= 0:
         raise UserError(f"--crop_scale must be > 0, got {crop_scale}")
-    out_dir = crops.check_output(output) if output else None
+    out_dir = reading.check_output(output) if output else None
     root = os.path.abspath(os.path.expanduser(data_root))
     if not os.path.isdir(root):
         raise UserError(f"--data_root is not a folder: {root}")
@@ -109,7 +106,7 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
 
     rows: list[dict] = []
     skipped: list[tuple[str, str]] = []
-    for batch in crops.loaded_batches(files, loader, batch_size, skipped, workers,
+    for batch in reading.loaded_batches(files, loader, batch_size, skipped, workers,
                                       desc="landmarks", progress=progress):
         x = np.stack([img for _, (img, _) in batch]).astype(np.float32) / np.float32(255.0)
         pad = (-len(batch)) % batch_size
@@ -120,9 +117,9 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
             row = {"file": crops.rel_path(path, root), "group": _group(path, root),
                    "nme_gt": None, "nme_ref": None}
             if gt is not None:
-                row["nme_gt"] = float(landmarks.nme(pred[i], gt, size))
+                row["nme_gt"] = float(metrics.nme(pred[i], gt, size))
             if refp is not None:
-                row["nme_ref"] = float(landmarks.nme(pred[i], refp[i], size))
+                row["nme_ref"] = float(metrics.nme(pred[i], refp[i], size))
             rows.append(row)
     if not rows:
         raise UserError(f"none of the {len(files)} images under {root} could be used"

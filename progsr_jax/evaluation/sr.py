@@ -2,7 +2,7 @@
 
 The engine behind ``python -m progsr_jax.evaluate`` (whose docstring tells the
 data, the methods, the two protocols and the files written).  One pass over
-the files in order: decode in threads (:func:`~progsr_jax.data.loading.loaded_batches`),
+the files in order: decode in threads (:func:`~progsr_jax.data.reading.loaded_batches`),
 super-resolve a batch with a :class:`Method`, score it with one jit-compiled
 :class:`BatchScorer` (per-image metrics, LPIPS, and the pfsr batch scores),
 then write ``metrics.json``, ``per_image.csv`` and ``comparison.png``.
@@ -20,14 +20,17 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 from PIL import Image
 
-from progsr_jax import data, grid
+from progsr_jax import data, inference
+from progsr_jax.data import crops, degradation, reading
+from progsr_jax.data.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
 from progsr_jax.errors import UserError
-from progsr_jax.data import degradation
-from progsr_jax.evaluation import crops, inputs
-from progsr_jax.evaluation.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
+from progsr_jax.evaluation import inputs, metrics
+from progsr_jax.inference import grid
+from progsr_jax.nets import gan
 
 METHODS = ("model", "bicubic", "bilinear")
 PROTOCOLS = ("standard", "pfsr")
@@ -64,13 +67,6 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------- methods
-def pil_upscale(lr_u8: np.ndarray, size: int, resample: int) -> np.ndarray:
-    """(B, h, w, 3) uint8 -> (B, size, size, 3) uint8 with a PIL filter
-    (:func:`progsr_jax.data.upscale`, by PIL constant)."""
-    names = {Image.BICUBIC: "bicubic", Image.BILINEAR: "bilinear", Image.NEAREST: "nearest"}
-    return data.upscale(lr_u8, size, names[resample])
-
-
 class Method:
     """Maps a batch of 16x16 uint8 inputs to float32 SR outputs in [0, 1] (or unclipped)."""
 
@@ -89,10 +85,8 @@ class Method:
 
 class PilMethod(Method):
     def __init__(self, name: str, output_size: int = 128):
-        from progsr_jax import models
-
         self.name, self.output_size = name, output_size
-        self.stage = models.stage_of_size(output_size)
+        self.stage = gan.stage_of_size(output_size)
 
     def images(self, lr_u8):
         return data.upscale(lr_u8, self.output_size, self.name)
@@ -102,7 +96,7 @@ class PilMethod(Method):
 
 
 class ModelMethod(Method):
-    """A loaded generator, run by :func:`progsr_jax.inference.super_resolve` with every
+    """A loaded generator, run by :meth:`progsr_jax.inference.SuperResolver.super_resolve` with every
     call padded to ``batch_size`` (one compiled shape)."""
 
     def __init__(self, checkpoint: str | None, batch_size: int, clip: bool = True):
@@ -112,7 +106,6 @@ class ModelMethod(Method):
                             "use --method=bicubic or --method=bilinear for the baselines")
         if not os.path.exists(checkpoint):
             raise UserError(f"checkpoint not found: {checkpoint}")
-        from progsr_jax import inference, models
 
         self.sr = inference.load(checkpoint)
         self.name = "model"
@@ -120,14 +113,12 @@ class ModelMethod(Method):
         self.batch_size = batch_size
         self.clip = clip
         self.output_size = int(self.sr.output_size)
-        self.stage = models.stage_of_size(self.output_size)
+        self.stage = gan.stage_of_size(self.output_size)
 
     def generate(self, lr_u8: np.ndarray) -> np.ndarray:
         """The generator's raw outputs (about [-1, 1], not clipped), float32."""
-        from progsr_jax import inference
-
-        return inference.super_resolve(self.sr, data.to_float(lr_u8), self.batch_size,
-                                       min_batch=self.batch_size)
+        return self.sr.super_resolve(data.to_float(lr_u8), self.batch_size,
+                                     min_batch=self.batch_size)
 
     def images(self, lr_u8):
         return data.to_uint8(self.generate(lr_u8))
@@ -150,10 +141,6 @@ class BatchScorer:
     """Jit-compiled per-image metrics (+ the pfsr batch scores) for one padded batch shape."""
 
     def __init__(self, use_lpips: bool, pfsr: bool):
-        import jax
-
-        from progsr_jax.evaluation import metrics
-
         self.lpips = metrics.LPIPS() if use_lpips else None
         self.pfsr = pfsr
 
@@ -168,8 +155,6 @@ class BatchScorer:
         self._score = jax.jit(score)
 
     def __call__(self, sr: np.ndarray, hr: np.ndarray, batch_size: int) -> tuple[dict, Any]:
-        import jax
-
         n = sr.shape[0]
         mask = np.arange(batch_size) < n
         if n < batch_size:
@@ -197,7 +182,7 @@ def comparison_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray
                     sr_label: str = "SR") -> Image.Image:
     """Grid image: one row per ``(label, lr, bicubic, sr, hr)`` (uint8 HWC arrays).
 
-    :func:`progsr_jax.grid.sr_grid` with labels (the bicubic tile is recomputed
+    :func:`progsr_jax.inference.grid.sr_grid` with labels (the bicubic tile is recomputed
     from ``lr``): every tile at ``max(128, hr size)`` px, a header line of
     column names and a row label.
     """
@@ -280,12 +265,10 @@ def _check_config(cfg: EvalConfig) -> None:
 
 def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
     """Runs the evaluation described by ``cfg``; writes the outputs; returns metrics.json."""
-    from progsr_jax.evaluation import metrics
-
     if cfg.clip is None:
         cfg = dataclasses.replace(cfg, clip=cfg.protocol != "pfsr")
     _check_config(cfg)
-    out_dir = crops.check_output(cfg.output)
+    out_dir = reading.check_output(cfg.output)
     files, crop, loader = list_eval_files(cfg, log)
     root = os.path.abspath(os.path.expanduser(
         (cfg.hr_dir if cfg.source == "paired" else cfg.data_root) or "."))
@@ -309,7 +292,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
     t0 = time.perf_counter()
     t_first = None
     first_count = 0
-    for batch in crops.loaded_batches(files, loader, cfg.batch_size, skipped, cfg.workers,
+    for batch in reading.loaded_batches(files, loader, cfg.batch_size, skipped, cfg.workers,
                                       desc=f"evaluate {cfg.method}", progress=cfg.progress):
         lr = np.stack([b[1][16] for b in batch])
         hr = np.stack([b[1][size] for b in batch]).astype(np.float32) / np.float32(255.0)

@@ -19,7 +19,8 @@ import numpy as np
 
 from progsr_jax.data.images import to_float, to_uint8
 from progsr_jax.errors import UserError
-from progsr_jax.models import INPUT_SIZE
+from progsr_jax.nets.gan import INPUT_SIZE
+
 #: Most faces per model call unless the caller says otherwise.
 DEFAULT_BATCH = 16
 

@@ -1,12 +1,12 @@
 """The checkpoint format: Orbax folders holding a generator, a critic and their metadata.
 
 What inference, the conversion tools and both trainers read and write
-(``progsr_jax.training.checkpoint`` adds the training runs' save/resume on
+(``progsr_jax.training.resume`` adds the training runs' save/resume on
 top).  A checkpoint directory (``<workdir>/checkpoints``) is managed by an
 Orbax ``CheckpointManager``; each saved step holds the items
 
 * ``state``: the whole training state (super-resolution:
-  :class:`progsr_jax.training.sr.TrainState` with G, D, both optimiser
+  :class:`progsr_jax.training.sr.trainer.TrainState` with G, D, both optimiser
   states and the global iteration; distillation: the student and its
   optimiser); data position and RNG follow from the iteration;
 * ``generator``: ``{'params', 'batch_stats'}`` of G, what inference loads;

@@ -1,7 +1,7 @@
 """Run a model written by :mod:`progsr_jax.export` with the interface of a SuperResolver.
 
-    from progsr_jax import exported
-    sr = exported.load("exported/")      # model.onnx (onnxruntime), else model.stablehlo
+    from progsr_jax.inference import serialized
+    sr = serialized.load("exported/")      # model.onnx (onnxruntime), else model.stablehlo
     y = sr(x)    # x: float32 (N, 16, 16, 3) in [-1, 1] -> (N, S, S, 3), S = sr.output_size
     sr.stage, sr.alpha, sr.output_size, sr.backend
 
@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 
 from progsr_jax.errors import UserError
+from progsr_jax.inference import batching
 
 ONNX, STABLEHLO = "model.onnx", "model.stablehlo"
 
@@ -56,7 +58,7 @@ class ExportedModel:
 
     @staticmethod
     def _onnx_runner(path: str):
-        try:
+        try:  # optional: onnxruntime (the `export` extra), needed for ONNX models only
             import onnxruntime as ort
         except ImportError:
             raise UserError("running an exported ONNX model needs onnxruntime: "
@@ -67,8 +69,6 @@ class ExportedModel:
 
     @staticmethod
     def _stablehlo_runner(path: str):
-        import jax
-
         with open(path, "rb") as f:
             exp = jax.export.deserialize(f.read())
         return lambda x: np.asarray(exp.call(x))
@@ -80,7 +80,6 @@ class ExportedModel:
         if self.batch is None or x.shape[0] == self.batch:
             return self._run(x)
         # A fixed-batch model: the one batched path, every call padded to that batch.
-        from progsr_jax import batching
 
         return batching.super_resolve(self, x, self.batch, min_batch=self.batch)
 

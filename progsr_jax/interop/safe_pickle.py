@@ -8,9 +8,12 @@ before anything is called.
 
 from __future__ import annotations
 
+import collections
 import io
 import pickle
 from typing import Any, Callable, Mapping
+
+import numpy as np
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -18,7 +21,6 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 def _numpy_reconstruct():
-    import numpy as np
     try:  # numpy >= 2 keeps the pickled name numpy.core.multiarray for old files
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # pragma: no cover - numpy 1.x
@@ -28,7 +30,7 @@ def _numpy_reconstruct():
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+        ("collections", "OrderedDict"): collections.OrderedDict,
     }
 
 

@@ -25,6 +25,20 @@ A FAN folder holds ``fan_meta.json`` (``{"kind": "student_fan", "width": 1.0,
 and ``python -m progsr_jax.distill`` (a student distilled here, in its
 workdir); :func:`load` (a jit-compiled :class:`LandmarkNet`),
 :func:`load_variables` and ``--config.fan.checkpoint`` read either.
+
+Decoding heatmaps into points (:func:`heatmaps_to_landmarks`)
+-------------------------------------------------------------
+Points are ``(x, y)`` = (column, row) in *pixel-index* coordinates of the
+heatmap: the centre of heatmap pixel ``[row i, column j]`` is ``(j, i)``.  For
+a heatmap of the same size as the input image (the distilled FAN) these are
+directly 0-based pixel coordinates of the image, the convention of the 300-W
+``.pts`` files in ``shared/data/faces68``.
+
+face-alignment's ``get_preds_fromhm`` computes ``argmax + 1`` (1-based), adds
+``+-0.25`` towards the larger neighbour, then subtracts 0.5; its net result is
+``argmax_index + 0.5 +- 0.25``, i.e. coordinates whose pixel centres sit at
+half-integers.  Pass ``convention="face_alignment"`` to get exactly those
+numbers; the default ``"index"`` is 0.5 smaller.
 """
 
 from __future__ import annotations
@@ -36,12 +50,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from progsr_jax.errors import UserError
-from progsr_jax.landmarks import NUM_LANDMARKS, heatmaps_to_landmarks
-from progsr_jax.layers import BatchNorm2d, Conv2d
+from progsr_jax.nets.layers import BatchNorm2d, Conv2d
 
+NUM_LANDMARKS = 68
 STUDENT_FAN_PARAMS = 321_412
 _CHANNELS = (32, 64, 128, 128)
 LEAKY_SLOPE = 0.01  # negative slope of every LeakyReLU, the output's included
@@ -49,6 +64,44 @@ OUTPUT_LAYER = "layers_9"  # the last convolution (68 heatmaps)
 META_FILE = "fan_meta.json"
 VARIABLES_DIR = "variables"
 KIND = "student_fan"  # fan_meta.json's "kind" of a FAN folder
+
+
+def heatmaps_to_landmarks(hm, convention: str = "index") -> np.ndarray:
+    """Decodes (N, H, W, C) heatmaps (or one (H, W, C)) into (N, C, 2) ``(x, y)`` points.
+
+    Per channel: the argmax pixel (first one on ties, row-major), then, if it is
+    not on the border (``0 < x < W-1`` and ``0 < y < H-1``), a shift of
+    ``0.25 * sign(neighbour difference)`` along x and along y towards the larger
+    neighbour -- face-alignment's ``get_preds_fromhm`` without its final
+    transform.  ``convention="index"``: pixel centres at integers (0-based);
+    ``"face_alignment"``: the same points + 0.5, which is what
+    ``get_preds_fromhm`` returns.
+    """
+    hm = np.asarray(hm, dtype=np.float32)
+    single = hm.ndim == 3
+    if single:
+        hm = hm[None]
+    if hm.ndim != 4:
+        raise UserError(f"heatmaps must be (N, H, W, C) or (H, W, C), got shape {hm.shape}")
+    if convention not in ("index", "face_alignment"):
+        raise UserError(f"unknown convention {convention!r} (index or face_alignment)")
+    n, h, w, c = hm.shape
+    flat = np.transpose(hm, (0, 3, 1, 2)).reshape(n, c, h * w)
+    idx = np.argmax(flat, axis=-1)  # (n, c)
+    ys, xs = np.divmod(idx, w)
+    inner = (xs > 0) & (xs < w - 1) & (ys > 0) & (ys < h - 1)
+    b = np.arange(n)[:, None]
+    ch = np.arange(c)[None, :]
+    xr, xl = np.clip(xs + 1, 0, w - 1), np.clip(xs - 1, 0, w - 1)
+    yd, yu = np.clip(ys + 1, 0, h - 1), np.clip(ys - 1, 0, h - 1)
+    dx = hm[b, ys, xr, ch] - hm[b, ys, xl, ch]
+    dy = hm[b, yd, xs, ch] - hm[b, yu, xs, ch]
+    px = xs.astype(np.float32) + np.where(inner, 0.25 * np.sign(dx), 0.0)
+    py = ys.astype(np.float32) + np.where(inner, 0.25 * np.sign(dy), 0.0)
+    pts = np.stack([px, py], axis=-1).astype(np.float32)
+    if convention == "face_alignment":
+        pts = pts + np.float32(0.5)
+    return pts[0] if single else pts
 
 
 def _leaky_relu(x):
@@ -123,9 +176,6 @@ def save(directory: str | os.PathLike, variables: dict, meta: dict) -> dict:
     ``meta`` should say at least the ``width``; the meta file is written last
     and atomically, so a folder with a readable ``fan_meta.json`` is complete.
     """
-    import jax
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
     variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
@@ -149,10 +199,6 @@ def load_variables(directory: str | os.PathLike, dtype: Any = None):
     ``variables`` is ``{"params": ..., "batch_stats": ...}`` of float32 jax
     arrays, for use inside losses: ``module.apply(variables, x)``.
     """
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(os.fspath(directory))
     meta = _read_meta(directory)
     width = float(meta.get("width", 1.0))
@@ -173,16 +219,12 @@ class LandmarkNet:
     """``fan(x)``: NHWC float RGB in [0, 1] (any size) -> (N, H, W, 68) heatmaps (jit-compiled)."""
 
     def __init__(self, module, variables, meta: dict | None = None):
-        import jax
-
         self.module = module
         self.variables = variables
         self.meta = dict(meta or {})
         self._apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
 
     def __call__(self, x):
-        import jax.numpy as jnp
-
         x = jnp.asarray(x, jnp.float32)
         if x.ndim != 4 or x.shape[-1] != 3:
             raise UserError(f"the FAN expects NHWC RGB images, got shape {tuple(x.shape)}")

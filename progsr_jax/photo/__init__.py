@@ -9,20 +9,19 @@
   aligned-CelebA template (178x218) and the model's input from it.
 * :mod:`~progsr_jax.photo.paste`: warping 128x128 results back into the
   upscaled photo with a feathered mask.
-* :mod:`~progsr_jax.photo.pipeline`: the whole pipeline on one photo,
-  ``photo.restore(sr, img) -> (restored, faces)`` (also
-  ``SuperResolver.restore``); ``python -m progsr_jax.infer --mode=photo``
+* :mod:`~progsr_jax.photo.restoration`: the whole pipeline on one photo,
+  ``photo.restore(sr, img) -> (restored, faces)``; ``python -m progsr_jax.infer --mode=photo``
   runs it on files and folders.
-* :mod:`~progsr_jax.photo.files`: the file side of ``infer``: output
+* :mod:`~progsr_jax.photo.folders`: the file side of ``infer``: output
   planning, photos opened upright (EXIF), the photo loop and ``faces.json``.
 
     from progsr_jax import inference, photo
     faces = photo.detect(img)                    # [Face(box, landmarks, score)]
     sr = inference.load("/runs/pfsr")
-    restored, faces = sr.restore(img, upscale="auto")
+    restored, faces = photo.restore(sr, img, upscale="auto")
 """
 
 from progsr_jax.photo.detection import Detector, Face, detect
-from progsr_jax.photo.pipeline import Restoration, RestoredFace, restore, restore_photo
+from progsr_jax.photo.restoration import Restoration, RestoredFace, restore, restore_photo
 
 __all__ = ["Detector", "Face", "Restoration", "RestoredFace", "detect", "restore", "restore_photo"]

@@ -60,7 +60,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from progsr_jax import data
 from progsr_jax.errors import UserError
+from progsr_jax.photo import detection as detect_lib
 
 ALIGNED_SIZE = (178, 218)  # (width, height) of img_align_celeba
 CROP_SIZE = 178  # the training chain's CenterCrop(178): rows 20..197 of the aligned frame
@@ -218,8 +220,6 @@ def model_inputs(aligned: Image.Image) -> dict[int, np.ndarray]:
     ``data.preprocess(img, crop='celeba')``: centre crop 178x178 (rows 20 to
     197), PIL bilinear resize to 128, then 64, 32, 16, each from the last.
     """
-    from progsr_jax import data
-
     return data.preprocess(aligned, crop="celeba")
 
 
@@ -240,8 +240,6 @@ def measure_template(images, detector=None) -> tuple[np.ndarray, int]:
     Returns ``(mean (5, 2), number of images with a face)``.  This is how
     :data:`TEMPLATE` was measured.
     """
-    from progsr_jax.photo import detection as detect_lib
-
     det = detector if detector is not None else detect_lib.Detector()
     points = []
     for item in images:

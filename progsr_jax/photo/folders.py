@@ -17,9 +17,9 @@ import os
 from PIL import Image
 
 from progsr_jax import data
-from progsr_jax.data.loading import loaded_batches
+from progsr_jax.data.reading import loaded_batches
 from progsr_jax.errors import UserError
-from progsr_jax.photo import pipeline
+from progsr_jax.photo import restoration as pipeline
 
 
 def _resolve(input_path: str, output: str, output_kind: str) -> tuple[str, str]:

@@ -55,6 +55,7 @@ import numpy as np
 from flax import linen as nn
 
 from progsr_jax.errors import UserError
+from progsr_jax.interop.torch_pickle import load_torch_file
 
 PACKAGE = "facenet-pytorch"
 PIP_COMMAND = "pip install --no-deps facenet-pytorch==2.6.0"
@@ -262,8 +263,6 @@ def variables_from_state_dict(name: str, state_dict: Mapping[str, np.ndarray],
 
 def load_variables(path: str | os.PathLike | None = None) -> dict[str, dict]:
     """``{'pnet': variables, 'rnet': ..., 'onet': ...}`` read without torch or pickle code."""
-    from progsr_jax.interop.torch_pickle import load_torch_file
-
     folder = weights_dir(path)
     out = {}
     for name in NET_NAMES:

@@ -2,7 +2,7 @@
 
     from progsr_jax import inference, photo
     sr = inference.load("/runs/pfsr")                  # a step-3 (128x128) model
-    restored, faces = sr.restore(img)                  # = photo.restore(sr, img)
+    restored, faces = photo.restore(sr, img)
     restored.save("restored.png")
     faces[0].box, faces[0].landmarks, faces[0].score, faces[0].transform
     faces[0].aligned, faces[0].lr, faces[0].sr         # uint8 128x128 / 16x16 / 128x128
@@ -54,9 +54,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from progsr_jax import batching
-from progsr_jax.batching import batch_rows  # noqa: F401 - the padding rule, re-exported
+from progsr_jax.data import images
 from progsr_jax.errors import UserError
+from progsr_jax.inference import batching
 from progsr_jax.photo import align, paste
 from progsr_jax.photo.detection import MIN_FACE, Detector, Face
 
@@ -169,7 +169,6 @@ def choose_upscale(upscale, size: tuple[int, int], transforms: Sequence) -> floa
         u = min(max(paste.native_upscale(transforms), lo), hi)
         u = min(u, max(lo, float(np.sqrt(AUTO_MAX_PIXELS / (w * h)))))
         return float(u)
-    from progsr_jax.data import images
 
     out_w, out_h = paste.output_size(size, upscale)
     limit = images.MAX_IMAGE_PIXELS  # read at call time, like data.open_image
@@ -184,7 +183,7 @@ def super_resolve(sr, lr: np.ndarray, batch_size: int = DEFAULT_BATCH) -> np.nda
 
     Up to ``batch_size`` faces go in one call, padded with zeros to the next
     power of two (capped at ``batch_size``); more take several calls
-    (:func:`progsr_jax.batching.super_resolve`).
+    (:func:`progsr_jax.inference.batching.super_resolve`).
     """
     size = int(getattr(sr, "output_size", paste.SR_SIZE))
     if size != paste.SR_SIZE:

@@ -1,7 +1,15 @@
 """Config files and the one validator style both trainers share.
 
 The recipes live in ``configs/*.py`` (the paper's numbers, the ``:cpu``,
-``:demo`` and ``:smoke`` variants); the package only checks them.
+``:demo`` and ``:smoke`` variants); the package only finds and checks them.
+``configs/`` stays at the top of the repository (``--config=configs/step3.py``
+from a checkout reads that file), and the wheel ships the same files as
+``progsr_jax/configs/`` (``[tool.setuptools.package-dir]`` in
+pyproject.toml), so that a ``pip install .`` / ``pip install git+...``
+finds them too: :func:`resolve` maps a recipe name that does not exist on
+disk -- a bare ``step3.py`` or ``configs/step3.py``, with or without a
+``:variant`` -- to the recipe of the checkout or, failing that, of the
+installed package.
 :func:`load` reads a config file the way ``--config=FILE[:variant]`` does,
 for code and tests that need a recipe without a command line, and for
 ``configs/step1.py`` / ``step2.py``, which are ``step3.py`` stopped earlier.
@@ -13,18 +21,40 @@ A validator is a function ``validate(config, num_devices)`` built from the
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import runpy
 from typing import Any, Iterable
 
+import jax
 import ml_collections
 
-from progsr_jax import recipes
 from progsr_jax.errors import UserError
 
-#: ``configs/`` of a source checkout (the package's parent folder); an installed
-#: package has its copy in ``progsr_jax/configs`` (:mod:`progsr_jax.recipes`).
-CONFIG_DIR = recipes.CONFIG_DIRS[0]
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: ``configs/`` of a source checkout (beside the package), then the installed copy.
+CONFIG_DIRS = (os.path.join(os.path.dirname(_PACKAGE), "configs"),
+               os.path.join(_PACKAGE, "configs"))
+
+
+def resolve(path: str) -> str:
+    """``path`` itself when it exists; else, for ``NAME.py`` or ``configs/NAME.py`` (a
+    ``:variant`` suffix is kept), the first recipe of that name in :data:`CONFIG_DIRS`;
+    else ``path`` unchanged (the caller reports it missing)."""
+    file, sep, variant = path, "", ""
+    if ":" in os.path.basename(path):
+        file, variant = path.rsplit(":", 1)
+        sep = ":"
+    if os.path.exists(file) or os.path.dirname(os.path.normpath(file)) not in ("", "configs"):
+        return path
+    for directory in CONFIG_DIRS:
+        candidate = os.path.join(directory, os.path.basename(file))
+        if os.path.isfile(candidate):
+            return candidate + sep + variant
+    return path
+
+
+#: ``configs/`` of a source checkout (the package's parent folder).
+CONFIG_DIR = CONFIG_DIRS[0]
 
 
 def load(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
@@ -33,19 +63,16 @@ def load(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
     ``path`` is a file name, or a recipe name such as ``"step3.py"`` or
     ``"configs/step3.py"`` that does not exist on disk, looked up in the
     checkout's ``configs/`` and then in the installed package
-    (:func:`progsr_jax.recipes.resolve`).  A ``"file.py:variant"`` suffix is
+    (:func:`resolve`).  A ``"file.py:variant"`` suffix is
     accepted too.
     """
     if variant is None and ":" in os.path.basename(path):
         path, variant = path.rsplit(":", 1)
-    path = recipes.resolve(path)
+    path = resolve(path)
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
-    name = "progsr_config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant) if variant is not None else module.get_config()
+    get_config = runpy.run_path(path)["get_config"]
+    return get_config(variant) if variant is not None else get_config()
 
 
 def sibling(config_file: str, name: str, variant: str | None) -> ml_collections.ConfigDict:
@@ -126,8 +153,6 @@ class Checks:
             self.fail(f"{name} must be at least 2 (BatchNorm in training mode needs two "
                       "samples)")
         if v % num_devices:
-            import jax
-
             where = (f" ({jax.local_device_count()} on each of {jax.process_count()} processes)"
                      if jax.process_count() > 1 else "")
             fit = max(num_devices, v - v % num_devices)

@@ -15,7 +15,7 @@ operations in the same order.  What each piece of the trainers does about it:
 * State: :func:`replicate` makes the replicated global arrays from each
   process's identical host copy, without a collective; a checkpoint is
   restored straight into that sharding
-  (:func:`progsr_jax.training.checkpoint.restore_latest`).
+  (:func:`progsr_jax.training.resume.restore_latest`).
 * :func:`is_writer`: process 0 alone writes logs, metrics, TensorBoard,
   samples and JSON metadata; every process takes part in Orbax saves.
 * :func:`any_process`: the stop asked by a signal on one process, agreed by
@@ -33,6 +33,7 @@ from typing import Callable, TypeVar
 import jax
 import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
 
 from progsr_jax.errors import UserError
 
@@ -101,7 +102,6 @@ def any_process(flag: bool) -> bool:
     process must call it at the same point)."""
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
@@ -109,8 +109,6 @@ def any_process(flag: bool) -> bool:
 def barrier(name: str) -> None:
     """Waits until every process has reached ``barrier(name)``."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

@@ -25,19 +25,20 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 from PIL import Image
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from progsr_jax import grid, progress
+from progsr_jax import progress
+from progsr_jax.inference import grid
 
 
 class Reporter:
     def __init__(self, workdir: str, writer: bool | None = None):
         """``writer``: whether this process writes (default: process 0 only)."""
         if writer is None:
-            import jax
-
             writer = jax.process_index() == 0
         self.workdir, self.writer = workdir, writer
         self.last: dict = {}
@@ -47,12 +48,7 @@ class Reporter:
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._log = open(os.path.join(workdir, "log.txt"), "a")
-        self._tb = None
-        try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:  # pragma: no cover - tensorboardX is a dependency
-            self.info("tensorboardX is not installed: no TensorBoard events")
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def info(self, msg: str) -> None:
         if not self.writer:
@@ -109,5 +105,5 @@ def save_png(path: str, image_u8: np.ndarray) -> None:
 
 
 def save_grid(path: str, lr_u8: np.ndarray, sr_u8: np.ndarray, hr_u8: np.ndarray) -> None:
-    """One row per image: LR (nearest-upsampled) | bicubic | SR | HR (:func:`progsr_jax.grid.sr_grid`)."""
+    """One row per image: LR (nearest-upsampled) | bicubic | SR | HR (:func:`progsr_jax.inference.grid.sr_grid`)."""
     save_png(path, grid.sr_grid(lr_u8, sr_u8, hr_u8))

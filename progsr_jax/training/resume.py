@@ -1,7 +1,7 @@
 """Training runs' checkpoints: save, resume, the run-kind and config checks.
 
 The one checkpoint and resume path of both trainers, on top of the
-checkpoint format of :mod:`progsr_jax.checkpoints` (the folder layout, its
+checkpoint format of :mod:`progsr_jax.inference.checkpoints` (the folder layout, its
 items and ``meta``, reading generators and critics, converted checkpoints;
 re-exported here).  :func:`save` / :func:`save_state` write a run's whole
 state at an iteration, :func:`restore_latest` resumes it,
@@ -21,9 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from progsr_jax.checkpoints import (  # noqa: F401 - the format, re-exported for callers
-    FORMAT, ITEMS, load_discriminator, load_generator, manager, resolve, save_converted)
 from progsr_jax.errors import UserError
+from progsr_jax.inference.checkpoints import load_discriminator, load_generator
 
 # Config fields that must not change when a run is resumed.
 ARCH_FIELDS = ("model.width", "model.d_width")

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from progsr_jax.errors import UserError
+
 FAN4_NUM_KEYS = 1129
 FAN4_NUM_PARAMS = 23_820_176
 
@@ -140,8 +142,6 @@ class FanSqueeze(nn.Module):
 
 def load_state_dict_strict(module: nn.Module, state_dict, what: str) -> nn.Module:
     """Loads numpy/torch arrays into ``module`` refusing missing/unexpected keys or shapes."""
-    from progsr_jax.errors import UserError
-
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -73,14 +73,14 @@ class Generator(nn.Module):
         self.to_rgb = nn.ModuleList([nn.Conv2d(c(256), 3, 1), nn.Conv2d(c(128), 3, 1),
                                      nn.Conv2d(c(64), 3, 1)])
 
-    def forward(self, x, step=3, alpha=-1.0):
+    def forward(self, x, stage=3, alpha=-1.0):
         blocks = [self.step1, self.step2, self.step3]
         h = x
-        for k in range(step - 1):
+        for k in range(stage - 1):
             h = blocks[k](h)
-        out = self.to_rgb[step - 1](blocks[step - 1](h))
-        if step > 1 and 0 <= alpha < 1:
-            skip = F.interpolate(self.to_rgb[step - 2](h), scale_factor=2, mode="nearest")
+        out = self.to_rgb[stage - 1](blocks[stage - 1](h))
+        if stage > 1 and 0 <= alpha < 1:
+            skip = F.interpolate(self.to_rgb[stage - 2](h), scale_factor=2, mode="nearest")
             out = (1 - alpha) * skip + alpha * out
         return out
 
@@ -98,14 +98,14 @@ class Discriminator(nn.Module):
         self.linear = nn.Linear(c(512), c(2048))
         self.linear2 = nn.Linear(c(2048), 1)
 
-    def forward(self, x, step=3, alpha=-1.0):
+    def forward(self, x, stage=3, alpha=-1.0):
         blocks = [self.step1, self.step2, self.step3]
-        out = blocks[step - 1](self.from_rgb[step - 1](x))
-        if step > 1:
+        out = blocks[stage - 1](self.from_rgb[stage - 1](x))
+        if stage > 1:
             if 0 <= alpha < 1:
-                skip = self.from_rgb[step - 2](F.avg_pool2d(x, 2))
+                skip = self.from_rgb[stage - 2](F.avg_pool2d(x, 2))
                 out = (1 - alpha) * skip + alpha * out
-            for k in range(step - 2, -1, -1):
+            for k in range(stage - 2, -1, -1):
                 out = blocks[k](out)
         std = x.std(0).mean().expand(x.size(0), 1, out.size(2), out.size(3))
         out = self.equal_conv(torch.cat([out, std], 1))
@@ -157,19 +157,19 @@ def normalise_heatmaps(hm, ref):
     return (hm - lo) / (hi - lo)
 
 
-def train_iteration(G, D, vgg, fan, g_opt, d_opt, lr_img, hr_img, step, alpha, weights):
+def train_iteration(G, D, vgg, fan, g_opt, d_opt, lr_img, hr_img, stage, alpha, weights):
     """One official training iteration (G update, then D update on a fresh G(x))."""
     for p in D.parameters():
         p.requires_grad_(False)
     g_opt.zero_grad(set_to_none=True)
-    fake = G(lr_img, step, alpha)
+    fake = G(lr_img, stage, alpha)
     pixel = (fake - hr_img).abs().mean()
-    adv = -D(fake, step, alpha).mean()
+    adv = -D(fake, stage, alpha).mean()
     ff, fr = vgg(0.5 * fake + 0.5), vgg(0.5 * hr_img + 0.5)
     perceptual = sum(F.mse_loss(a, b) for a, b in zip(ff, fr))
-    w = weights[step]
+    w = weights[stage]
     loss = w["pixel"] * pixel + w["perceptual"] * perceptual + w["adversarial"] * adv
-    if step > 1 and fan is not None:
+    if stage > 1 and fan is not None:
         hm_f = normalise_heatmaps(fan(0.5 * fake + 0.5), None)
         with torch.no_grad():
             hm_r = normalise_heatmaps(fan(0.5 * hr_img + 0.5), None)
@@ -184,13 +184,13 @@ def train_iteration(G, D, vgg, fan, g_opt, d_opt, lr_img, hr_img, step, alpha, w
 
     d_opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        fake = G(lr_img, step, alpha)
-    real_score = D(hr_img, step, alpha)
+        fake = G(lr_img, stage, alpha)
+    real_score = D(hr_img, stage, alpha)
     real_term = real_score.mean() - 0.001 * (real_score ** 2).mean()
-    fake_term = D(fake, step, alpha).mean()
+    fake_term = D(fake, stage, alpha).mean()
     eps = torch.rand(hr_img.size(0), 1, 1, 1, device=hr_img.device)
     x_hat = (eps * hr_img + (1 - eps) * fake).requires_grad_(True)
-    grad, = torch.autograd.grad(D(x_hat, step, alpha).sum(), x_hat, create_graph=True)
+    grad, = torch.autograd.grad(D(x_hat, stage, alpha).sum(), x_hat, create_graph=True)
     gp = ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
     d_loss = fake_term - real_term + 10 * gp
     d_loss.backward()

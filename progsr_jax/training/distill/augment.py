@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 # ---------------------------------------------------------------------------
 # Augmentation (config.augment): the same geometric transform applied to the
 # image and to its teacher heatmaps, drawn per example from (seed, step).

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from progsr_jax import xla_flags
-
+from progsr_jax.nets.layers import Conv2d
 
 # Convolution weight gradients as matrix products.  Without YNNPACK's dot
 # fusions (see progsr_jax/xla_flags.py) XLA:CPU computes the weight gradient of
@@ -62,8 +62,6 @@ conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 
 def tap_grad_interceptor(next_fun, args, kwargs, context):
     """Flax method interceptor: :class:`layers.Conv2d` calls go through :func:`conv_tap_grad`."""
-    from progsr_jax.layers import Conv2d
-
     mod = context.module
     if isinstance(mod, Conv2d) and context.method_name == "__call__":
         x = args[0].astype(mod.dtype)

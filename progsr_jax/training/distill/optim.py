@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import optax
+from optax.contrib import MuonDimensionNumbers, muon
 
-from progsr_jax.fan import OUTPUT_LAYER
+from progsr_jax.nets.fan import OUTPUT_LAYER
 
 
 def learning_rate(config) -> optax.Schedule:
@@ -17,8 +18,6 @@ def learning_rate(config) -> optax.Schedule:
 def muon_dimensions(params) -> dict:
     """Which parameters Muon updates: the (kh, kw, in, out) weights of every convolution
     but the last (``OUTPUT_LAYER``), each as a (kh * kw * in, out) matrix; None: Adam."""
-    from optax.contrib import MuonDimensionNumbers
-
     matrix = MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
 
     def dims(layer, name, p):
@@ -48,7 +47,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
     schedule = learning_rate(config)
     if config.optimizer == "adam":
         return optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
-    from optax.contrib import muon
 
     ratio = float(config.muon_lr) / float(config.lr)
     return muon(lambda step: schedule(step) * ratio, beta=config.muon_beta,

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import serialization
 
-from progsr_jax.fan import OUTPUT_LAYER
-from progsr_jax.training.distill_optim import make_optimizer
+from progsr_jax.nets.fan import OUTPUT_LAYER
+from progsr_jax.training.distill.optim import make_optimizer
 
 
 @flax.struct.dataclass
@@ -78,7 +78,7 @@ def create_state(config, module) -> DistillState:
     """The initial state: a random student, a fresh Adam state, step 0.
 
     The weights follow PyTorch's default initialisation (see
-    :mod:`progsr_jax.layers`), drawn from ``seed`` with JAX's ``rbg`` PRNG:
+    :mod:`progsr_jax.nets.layers`), drawn from ``seed`` with JAX's ``rbg`` PRNG:
     with the default threefry generator the initialisation alone takes longer
     to compile on a CPU than the whole train step.
 

@@ -1,11 +1,11 @@
 """The distillation step: the loss and its gradient, the optimiser update and the EMA.
 
-The pieces it puts together live beside it (and are re-exported here):
-the state and its EMA in :mod:`~progsr_jax.training.distill_state`, the
-optimisers in :mod:`~progsr_jax.training.distill_optim`, the augmentation in
-:mod:`~progsr_jax.training.distill_augment`, the tap-by-tap convolution
-gradient in :mod:`~progsr_jax.training.conv_taps` and the spatial-softmax KL
-in :mod:`progsr_jax.losses`.
+The pieces it puts together live beside it:
+the state and its EMA in :mod:`~progsr_jax.training.distill.state`, the
+optimisers in :mod:`~progsr_jax.training.distill.optim`, the augmentation in
+:mod:`~progsr_jax.training.distill.augment`, the tap-by-tap convolution
+gradient in :mod:`~progsr_jax.training.distill.conv_taps` and the spatial-softmax KL
+in :mod:`progsr_jax.nets.losses`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,20 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from progsr_jax.fan import LEAKY_SLOPE
-from progsr_jax.losses import spatial_softmax_kl
+from progsr_jax.nets.fan import LEAKY_SLOPE
+from progsr_jax.nets.losses import spatial_softmax_kl
 from progsr_jax.training import core
-from progsr_jax.training.conv_taps import (  # noqa: F401 - re-exported
-    conv_tap_grad, tap_grad_interceptor, use_tap_grad)
-from progsr_jax.training.distill_augment import (  # noqa: F401 - re-exported
-    FLIP_PERMUTATION, augment, resampling_matrix, transform, uses_augmentation)
-from progsr_jax.training.distill_optim import (  # noqa: F401 - re-exported
-    learning_rate, make_optimizer, muon_dimensions)
-from progsr_jax.training.distill_state import (  # noqa: F401 - re-exported
-    DistillState, create_state, ema_decay_at, student_variables, uses_ema)
+from progsr_jax.training.distill.augment import (
+    augment,
+    uses_augmentation,
+)
+from progsr_jax.training.distill.conv_taps import tap_grad_interceptor, use_tap_grad
+from progsr_jax.training.distill.optim import learning_rate, make_optimizer
+from progsr_jax.training.distill.state import (
+    DistillState,
+    ema_decay_at,
+    uses_ema,
+)
 
 # Metrics whose finiteness every step checks, and the metric holding the bitmask.
 CHECKED = ("loss", "grad_norm")

@@ -2,19 +2,19 @@ r"""The landmark-distillation trainer: a "fan_squeeze" student from precomputed 
 
 The teacher heatmaps come from ``tools/convert_fan_weights.py teacher-heatmaps``
 (format: :mod:`progsr_jax.data.teacher`).  The student
-(:class:`progsr_jax.fan.StudentFAN`) sees the same 64x64 step-2 targets in
+(:class:`progsr_jax.nets.fan.StudentFAN`) sees the same 64x64 step-2 targets in
 [0, 1] that the teacher pass saw and is trained with the mean squared error to
 the teacher's (64, 64, 68) heatmaps (paper: Adam, lr 1e-4, batch 16, up to
 100k iterations), BatchNorm in training mode with running statistics.  Data:
-:mod:`~progsr_jax.training.distill_data`; step and optimiser:
-:mod:`~progsr_jax.training.distill_step`; validation NME:
-:mod:`progsr_jax.training.distill_validation`.  The loop, checkpoints, stop signal
+:mod:`~progsr_jax.training.distill.data`; step and optimiser:
+:mod:`~progsr_jax.training.distill.step`; validation NME:
+:mod:`progsr_jax.training.distill.validation`.  The loop, checkpoints, stop signal
 and reporting are the shared ones of :mod:`progsr_jax.training.core`.
 
 Workdir contents
 ----------------
 ``fan_meta.json`` + ``variables/``
-    the student as a FAN folder (:func:`progsr_jax.fan.save`), written
+    the student as a FAN folder (:func:`progsr_jax.nets.fan.save`), written
     at every checkpoint and at the end: ``fan.load(DIR)`` and
     ``--config.fan.checkpoint=DIR`` in super-resolution training take the
     workdir itself.  With ``ema_decay > 0`` it holds the moving average of
@@ -51,14 +51,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from progsr_jax import data as data_lib
-from progsr_jax import fan as fan_lib
 from progsr_jax.errors import UserError
-from progsr_jax.training.distill_validation import Evaluator, save_overlay
-from progsr_jax.fan import StudentFAN
-from progsr_jax.layers import count_params
-from progsr_jax.training import checkpoint as ckpt_lib
-from progsr_jax.training import (core, distill_config, distill_data, distill_step, distributed,
-                                 reporting)
+from progsr_jax.inference import checkpoints
+from progsr_jax.nets import fan as fan_lib
+from progsr_jax.nets.fan import StudentFAN
+from progsr_jax.nets.layers import count_params
+from progsr_jax.training import core, distributed, reporting, resume
+from progsr_jax.training.distill import config as distill_config
+from progsr_jax.training.distill import data as distill_data
+from progsr_jax.training.distill import state as distill_state
+from progsr_jax.training.distill import step as distill_step
+from progsr_jax.training.distill.validation import Evaluator, save_overlay
 
 FORMAT = "progsr_jax/distill/1"
 
@@ -88,7 +91,7 @@ def _describe(config, num_params: int, num_train: int) -> str:
                                  (f"shift +-{a.shift:g} px", a.shift > 0)) if on]
     extra = (f"; augmentation: {', '.join(aug)}" if aug else "") + (
         f"; EMA {config.ema_decay:g} of the weights for validation and export"
-        if distill_step.uses_ema(config) else "")
+        if distill_state.uses_ema(config) else "")
     return (f"student: width {config.model.width}, {num_params:,} parameters; {config.steps} "
             f"iterations of batch {config.batch_size} on {num_train} images, {opt} "
             f"({config.lr_schedule}), {loss}{extra}")
@@ -116,20 +119,20 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
     start_time = time.time()
     reporter.info(core.describe_devices())
     train_split, val_split = distill_data.load_splits(config, info=reporter.info)
-    ckpt_lib.check_or_write_config(workdir, config)
+    resume.check_or_write_config(workdir, config)
     shard = core.data_parallel()
 
     module = StudentFAN(width=float(config.model.width))
-    state = distributed.replicate(distill_step.create_state(config, module), shard.replicated)
+    state = distributed.replicate(distill_state.create_state(config, module), shard.replicated)
     num_params = count_params(state.params)
     teacher_sha = str(train_split.teacher.meta.get("weights_sha256")
                       or train_split.teacher.directory)
     meta = {"format": FORMAT, "teacher_sha256": teacher_sha, "num_train": len(train_split),
-            "width": float(config.model.width), "ema": distill_step.uses_ema(config)}
-    manager = ckpt_lib.manager(workdir, config.keep_checkpoints)
-    ckpt_lib.check_run_kind(manager, meta, "a FAN distillation", ("teacher_sha256", "num_train"))
+            "width": float(config.model.width), "ema": distill_state.uses_ema(config)}
+    manager = checkpoints.manager(workdir, config.keep_checkpoints)
+    resume.check_run_kind(manager, meta, "a FAN distillation", ("teacher_sha256", "num_train"))
     _check_ema(manager, meta["ema"])
-    restored = ckpt_lib.restore_latest(manager, state)  # straight into the replicated sharding
+    restored = resume.restore_latest(manager, state)  # straight into the replicated sharding
     if restored is not None:
         state = restored
         reporter.info(f"resumed from checkpoint at iteration {int(state.step)}")
@@ -151,7 +154,7 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
                     "teacher_sha256": teacher_sha}
     last_val: dict = {}
 
-    variables = distill_step.student_variables  # the EMA weights when the run keeps them
+    variables = distill_state.student_variables  # the EMA weights when the run keeps them
 
     def log(done, host, rate):
         bad = [int(m.pop(distill_step.NONFINITE)) for m in host]
@@ -180,7 +183,7 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
                 for s in evaluator.sizes) + f" [{time.time() - t0:.0f} s]")
 
     def save(done, state):
-        ckpt_lib.save_state(manager, state, done, meta)
+        resume.save_state(manager, state, done, meta)
         fan_lib.save(workdir, variables(state), dict(student_meta, step=int(done),
                                                        final=done >= config.steps, **last_val))
 

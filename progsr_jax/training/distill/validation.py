@@ -1,7 +1,7 @@
 """Validation of a distilled landmark student against its teacher (paper Table 1 metric).
 
 Landmarks are decoded from heatmaps by argmax
-(:func:`progsr_jax.landmarks.heatmaps_to_landmarks`) and the NME is the mean
+(:func:`progsr_jax.nets.fan.heatmaps_to_landmarks`) and the NME is the mean
 over the 68 points of ``||student - teacher||_2 / image size``, averaged
 over the images, in percent.
 
@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from progsr_jax import landmarks
+from progsr_jax.evaluation import metrics as quality
+from progsr_jax.nets import fan as fan_lib
 from progsr_jax.training.reporting import save_png
 
 
@@ -34,7 +35,7 @@ def teacher_to_size(points64: np.ndarray, size: int) -> np.ndarray:
 class Evaluator:
     """Validation NME of a student against the teacher landmarks of a split.
 
-    ``split``: a :class:`progsr_jax.training.distill_data.Split` (images and
+    ``split``: a :class:`progsr_jax.training.distill.data.Split` (images and
     teacher heatmaps).
     """
 
@@ -45,7 +46,7 @@ class Evaluator:
         n = len(split) if max_images is None else min(len(split), max_images)
         self.counts = {64: n, 128: min(n, max_images_128) if max_images_128 else n}
         self.sizes = tuple(int(s) for s in sizes)
-        pts = [landmarks.heatmaps_to_landmarks(split.targets(np.arange(i, min(n, i + 64))))
+        pts = [fan_lib.heatmaps_to_landmarks(split.targets(np.arange(i, min(n, i + 64))))
                for i in range(0, n, 64)]
         self.teacher_points = np.concatenate(pts).astype(np.float64)  # (n, 68, 2) at 64x64
 
@@ -58,7 +59,7 @@ class Evaluator:
             if pad:
                 x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)])
             hm = np.asarray(jax.device_get(apply_fn(variables, x)))[:len(idx)]
-            out.append(landmarks.heatmaps_to_landmarks(hm))
+            out.append(fan_lib.heatmaps_to_landmarks(hm))
         return np.concatenate(out).astype(np.float64)
 
     def __call__(self, apply_fn, variables) -> tuple[dict, np.ndarray]:
@@ -69,7 +70,7 @@ class Evaluator:
             pred = self.student_points(apply_fn, variables, size, n)
             if size == 64:
                 pts64 = pred
-            nme = landmarks.nme(pred, teacher_to_size(self.teacher_points[:n], size), size)
+            nme = quality.nme(pred, teacher_to_size(self.teacher_points[:n], size), size)
             metrics[f"val_nme{size}_pct"] = float(100 * np.mean(nme))
             metrics[f"val_nme{size}_median_pct"] = float(100 * np.median(nme))
             metrics[f"val_count{size}"] = int(n)

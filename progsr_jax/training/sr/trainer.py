@@ -25,12 +25,15 @@ import numpy as np
 import optax
 
 from progsr_jax import data as data_lib
-from progsr_jax import losses, models, vgg
+from progsr_jax.data import celeba_tfds
 from progsr_jax.data import degradation as degradation_lib
-from progsr_jax.inference import SuperResolver
-from progsr_jax.training import checkpoint as ckpt_lib
+from progsr_jax.inference import SuperResolver, checkpoints
+from progsr_jax.nets import fan as fan_lib
+from progsr_jax.nets import gan, losses, vgg
 from progsr_jax.training import config as config_files
-from progsr_jax.training import core, distributed, reporting, sr_config, sr_validation
+from progsr_jax.training import core, distributed, reporting, resume
+from progsr_jax.training.sr import config as sr_config
+from progsr_jax.training.sr import validation as sr_validation
 
 log = logging.getLogger("progsr_jax")
 
@@ -83,11 +86,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps)
 
 
-def create_train_state(config, key) -> tuple[TrainState, models.Generator, models.Discriminator]:
+def create_train_state(config, key) -> tuple[TrainState, gan.Generator, gan.Discriminator]:
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
     kg, kd = jax.random.split(key)
-    g, gv = models.init_generator(kg, config.model.width, dtype)
-    d, dv = models.init_discriminator(kd, sr_config.d_width(config), dtype)
+    g, gv = gan.init_generator(kg, config.model.width, dtype)
+    d, dv = gan.init_discriminator(kd, sr_config.d_width(config), dtype)
     tx = make_optimizer(config)
     g_opt = {k: tx.init(v) for k, v in split_groups(gv["params"], G_GROUPS).items()}
     d_opt = {k: tx.init(v) for k, v in split_groups(dv["params"], D_GROUPS).items()}
@@ -121,7 +124,7 @@ def _apply_groups(tx, grads, opt_state, params, groups, stage, lr_scale=1.0):
     return merge_groups(p_parts), new_opt
 
 
-def make_train_step(config, g: models.Generator, d: models.Discriminator, stage: int,
+def make_train_step(config, g: gan.Generator, d: gan.Discriminator, stage: int,
                     use_fan: bool, fan_module=None) -> Callable:
     """The full training iteration of one stage (pure; jit it).
 
@@ -146,11 +149,11 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
         key = jax.random.fold_in(key0, state.step)
 
         def d_apply(params, x):
-            return d.apply({"params": params}, x, step=stage, alpha=alpha)
+            return d.apply({"params": params}, x, stage=stage, alpha=alpha)
 
         def g_loss_fn(g_params):
             fake, upd = g.apply({"params": g_params, "batch_stats": state.g_stats}, lr,
-                                step=stage, alpha=alpha, train=True, mutable=["batch_stats"])
+                                stage=stage, alpha=alpha, train=True, mutable=["batch_stats"])
             terms = {t: jnp.zeros((), jnp.float32) for t in METRIC_TERMS}
             terms["pixel"] = losses.pixel_loss(fake, hr, pixel_kind)
             if adv_on:
@@ -177,7 +180,7 @@ def make_train_step(config, g: models.Generator, d: models.Discriminator, stage:
             # Discriminator update on a fresh G(x) from the updated generator (train-mode
             # BatchNorm, which updates the running statistics a second time, as the
             # authors' code does).
-            fake, upd = g.apply({"params": g_params, "batch_stats": g_stats}, lr, step=stage,
+            fake, upd = g.apply({"params": g_params, "batch_stats": g_stats}, lr, stage=stage,
                                 alpha=alpha, train=True, mutable=["batch_stats"])
             fake = jax.lax.stop_gradient(fake)
             g_stats = upd["batch_stats"]
@@ -261,7 +264,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     """Trains stages ``start_stage..final_stage`` in ``workdir``; resumes if it holds a checkpoint."""
     sr_config.validate(config, len(jax.devices()))
     core.prepare_workdir(workdir)
-    ckpt_lib.check_or_write_config(workdir, config)
+    resume.check_or_write_config(workdir, config)
     reporter = reporting.Reporter(workdir)
     try:  # the log files and TensorBoard writer are closed however the run ends
         return _train(config, workdir, reporter)
@@ -286,20 +289,19 @@ def _train(config, workdir: str, reporter) -> TrainState:
     state, g, d = create_train_state(config, jax.random.PRNGKey(config.seed))
     state = distributed.replicate(state, shard.replicated)
     validator = _validator(config, g, reporter, shard.batch)
-    manager = ckpt_lib.manager(workdir, config.keep_checkpoints)
-    restored = ckpt_lib.restore_latest(manager, state)  # straight into the replicated sharding
+    manager = checkpoints.manager(workdir, config.keep_checkpoints)
+    restored = resume.restore_latest(manager, state)  # straight into the replicated sharding
     if restored is not None:
         state = restored
         reporter.info(f"resumed from checkpoint at iteration {int(state.step)}")
     elif config.init_from:
-        state = ckpt_lib.init_from_pretrained(state, config.init_from)
+        state = resume.init_from_pretrained(state, config.init_from)
         state = distributed.replicate(state, shard.replicated)
         reporter.info(f"initialised G (and D if present) from {config.init_from}")
 
     vgg_params = distributed.replicate(vgg.load_vgg16_features_params(), shard.replicated)
     fan_module, fan_vars = None, None
     if config.fan.checkpoint:
-        from progsr_jax import fan as fan_lib
         fan_module, fan_vars = fan_lib.load_variables(config.fan.checkpoint)
         fan_vars = distributed.replicate(fan_vars, shard.replicated)
         reporter.info(f"heatmap and attention losses use the FAN at {config.fan.checkpoint}")
@@ -325,7 +327,7 @@ def _train(config, workdir: str, reporter) -> TrainState:
         t0 = time.time()
         values = validator({"params": state.g_params, "batch_stats": state.g_stats}, stage, alpha)
         reporter.scalars(done, {"stage": stage, **values})
-        size = models.output_size(stage)
+        size = gan.output_size(stage)
         reporter.info(f"iteration {done}: validation at {size}x{size} on {values['val_count']} "
                       f"images: PSNR {values['val_psnr']:.2f} dB (bicubic "
                       f"{values['val_psnr_bicubic']:.2f}), SSIM {values['val_ssim']:.4f} "
@@ -343,7 +345,7 @@ def _train(config, workdir: str, reporter) -> TrainState:
                              in_shardings=(shard.replicated, shard.batch, None, shard.replicated,
                                            shard.replicated, None),
                              out_shardings=(shard.replicated, shard.replicated))
-            reporter.info(f"stage {stage}: {models.output_size(stage)}x{models.output_size(stage)} output, "
+            reporter.info(f"stage {stage}: {gan.output_size(stage)}x{gan.output_size(stage)} output, "
                           f"iterations {begin}..{end - 1}")
 
             def step_fn(state, step, batch, stage=stage, begin=begin, jitted=jitted):
@@ -369,7 +371,7 @@ def _train(config, workdir: str, reporter) -> TrainState:
 
             def save(done, state, stage=stage, begin=begin):
                 alpha = alpha_at(config, stage, done - 1 - begin)
-                ckpt_lib.save(manager, state, done, _meta(config, stage, alpha, done - begin))
+                resume.save(manager, state, done, _meta(config, stage, alpha, done - begin))
 
             loader = data_lib.batch_loader(ds, config.batch_size, config.seed, stage,
                                            rows=data_lib.local_rows(shard.batch,
@@ -393,15 +395,13 @@ def _describe_source(config) -> str:
     if source == "synthetic":
         return "the built-in synthetic faces"
     if source == "tfds" or (source == "celeba" and not root):
-        from progsr_jax.data import celeba_tfds
-
         return celeba_tfds.describe(config.data.tfds_data_dir or
                                     (root if source == "tfds" else None))
     return f"{source} at {root}"
 
 
 def _validator(config, g, reporter, batch_sharding):
-    """The held-out set's :class:`~progsr_jax.training.sr_validation.Validator`, or None."""
+    """The held-out set's :class:`~progsr_jax.training.sr.validation.Validator`, or None."""
     val_cfg = sr_validation.data_config(config)
     if val_cfg is None:
         if int(config.val.num_images) > 0:
@@ -424,7 +424,7 @@ def write_samples(workdir: str, g, state: TrainState, ds, idx, stage: int, alpha
     Computed on this process's own device from a host copy of G (the writer
     alone calls it; nothing involves the other processes).
     """
-    res = models.output_size(stage)
+    res = gan.output_size(stage)
     lr_u8 = np.asarray(ds.images[16][idx])
     hr_u8 = np.asarray(ds.images[res][idx])
     variables = jax.device_get({"params": state.g_params, "batch_stats": state.g_stats})
@@ -438,4 +438,4 @@ def _meta(config, stage, alpha, iteration):
     return {"stage": stage, "alpha": float(alpha), "iteration": int(iteration),
             "width": float(config.model.width), "d_width": sr_config.d_width(config),
             "dtype": config.model.dtype,
-            "format": ckpt_lib.FORMAT}
+            "format": checkpoints.FORMAT}

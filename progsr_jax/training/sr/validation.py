@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from progsr_jax import data as data_lib
-from progsr_jax import models
 from progsr_jax.evaluation import metrics
 from progsr_jax.inference import SuperResolver
+from progsr_jax.nets import gan
 from progsr_jax.training import config as config_files
 from progsr_jax.training import core
 
@@ -111,7 +111,7 @@ class Validator:
     def bicubic(self, stage: int) -> dict:
         """Bicubic's scores at the stage's output size (computed once per stage)."""
         if stage not in self._bicubic:
-            size = models.output_size(stage)
+            size = gan.output_size(stage)
 
             def upscale(rows):
                 up = data_lib.upscale(self.lr[rows], size).astype(np.float32) / np.float32(255.0)
@@ -128,6 +128,6 @@ class Validator:
         def make_sr(rows):  # the SuperResolver's forward pass on this batch, sharded like training's
             return self._to01(sr(data_lib.assemble(lr[rows], self.sharding)))
 
-        p, s = self._mean_scores(make_sr, models.output_size(stage))
+        p, s = self._mean_scores(make_sr, gan.output_size(stage))
         return {"val_psnr": p, "val_ssim": s, **self.bicubic(stage),
                 "val_count": self.num_images}
