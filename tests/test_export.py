@@ -263,14 +263,14 @@ def test_one_line_errors(models, tmp_path):
 
 
 def _readme_snippet() -> str:
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Exporting a model", 1)[1]
+    text = (REPO / "docs" / "export.md").read_text()
+    section = text.split("# Exporting a model", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 @pytest.mark.slow
 def test_fresh_venv_with_onnxruntime_only(exports, models, faces, tmp_path):
-    """The README's snippet in a venv holding only numpy, pillow and onnxruntime (from PyPI)
+    """The export page's snippet (docs/export.md) in a venv holding only numpy, pillow and onnxruntime (from PyPI)
     makes the PNGs ``infer --mode=lowres`` makes (to one gray level)."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
