@@ -54,6 +54,9 @@ def save_converted(directory: str, generator: dict, discriminator: dict | None, 
 
 def resolve(path: str) -> tuple[str, int]:
     """(checkpoints directory, step) for a workdir, a checkpoints directory or one step's directory."""
+    if path and os.path.isfile(path):
+        raise UserError(f"checkpoint path {path!r} is a file; expected a training workdir, a "
+                        "checkpoint directory or a converted checkpoint (a folder)")
     if not path or not os.path.isdir(path):
         raise UserError(f"checkpoint path {path!r} does not exist or is not a directory")
     path = os.path.abspath(path)
@@ -81,12 +84,27 @@ def load_generator(path: str) -> tuple[dict, dict]:
             generator=ocp.args.StandardRestore())).generator
     except FileNotFoundError as e:
         raise UserError(f"incomplete checkpoint at {directory}/{step}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt Orbax/TensorStore files
+        raise UserError(f"cannot read the checkpoint at {directory}/{step} (truncated or "
+                        f"corrupt?): {_first_line(e)}") from None
     finally:
         mgr.close()
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{directory}/{step} is not a progsr_jax checkpoint (format {meta!r})")
+        raise UserError(f"{directory}/{step} is not a progsr_jax checkpoint (format "
+                        f"{meta.get('format') if isinstance(meta, dict) else meta!r})")
+    bad = [k for k in ("stage", "alpha") if not isinstance(meta.get(k), (int, float))]
+    if bad or meta["stage"] not in (1, 2, 3):
+        raise UserError(f"{directory}/{step}: its meta has no valid {(bad or ['stage'])[0]!r}")
+    if not isinstance(gen, dict) or set(gen) != {"params", "batch_stats"}:
+        raise UserError(f"{directory}/{step}: the generator item holds no params and "
+                        "batch_stats")
     gen = jax.tree_util.tree_map(np.asarray, gen)
     return gen, meta
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def load_discriminator(path: str) -> dict | None:

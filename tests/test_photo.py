@@ -721,15 +721,15 @@ def test_photo_mode_without_detector_weights_names_the_pip_command(tmp_path, cap
 
 
 def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
-    from progsr_jax import infer
+    from progsr_jax.photo.files import open_photo
 
     img = Image.fromarray(np.arange(30 * 20 * 3, dtype=np.uint8).reshape(20, 30, 3))
     exif = Image.Exif()
     exif[0x0112] = 6  # the camera was turned: rotate 90 degrees clockwise to view
     img.save(tmp_path / "turned.jpg", exif=exif, quality=95)
     img.save(tmp_path / "plain.png")
-    assert infer.open_photo(str(tmp_path / "turned.jpg")).size == (20, 30)
-    assert infer.open_photo(str(tmp_path / "plain.png")).size == (30, 20)
+    assert open_photo(str(tmp_path / "turned.jpg")).size == (20, 30)
+    assert open_photo(str(tmp_path / "plain.png")).size == (30, 20)
 
 
 def test_faces_above_max_face_are_left_exactly_as_they_are(tmp_path, weights, group,

@@ -45,6 +45,7 @@ from absl import flags
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from progsr_jax import cli
+from progsr_jax.data import writing
 from progsr_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,11 +181,7 @@ def save_jpeg(arr: np.ndarray, path: str, quality: int) -> Image.Image:
 
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    try:
-        with open(path, "wb") as f:
-            f.write(buf.getvalue())
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    writing.write_bytes(path, buf.getvalue())
     return open_photo(path)
 
 
@@ -259,11 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     jpeg = os.path.abspath(fv.input_jpeg or output[:-4] + "_input.jpg")
     checkpoints = cli.named_checkpoints(fv.checkpoint)
     shared = shared_dir(fv.shared)
-    from progsr_jax.data.loading import make_writable_dir
     from progsr_jax.photo import detection, paste, pipeline
 
     for folder in {os.path.dirname(output), os.path.dirname(jpeg)}:
-        make_writable_dir(folder, folder)
+        writing.check_output(folder, folder)
     detector = detection.Detector(min_face=fv.min_face)  # weights missing: one line, before work
     models = load_models(checkpoints)
 
@@ -292,10 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"blur {fv.blur:g} px, noise {fv.noise:g}), {len(faces)} faces found; "
               f"--mode=photo --upscale={upscale:g} --max_face=0 --min_face={fv.min_face:g}")
     picture = render(columns, zoom_boxes(faces, bicubic.size, upscale), header)
-    try:
-        picture.save(output, format="PNG", optimize=True)
-    except OSError as e:
-        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+    with writing.atomic_write(output) as f:
+        picture.save(f, format="PNG", optimize=True)
     print(f"wrote {output} ({picture.width}x{picture.height}, {os.path.getsize(output)} bytes)")
     return 0
 

@@ -3,8 +3,7 @@
 ``evaluate`` and ``evaluate_landmarks`` read a list of image files through
 :class:`Loader` (or :class:`DatasetLoader` for a built dataset), decoded in
 threads by :mod:`progsr_jax.data.loading` (re-exported here:
-:func:`iter_loaded`, :func:`loaded_batches`, :func:`check_output`,
-:func:`make_writable_dir`).
+:func:`iter_loaded`, :func:`loaded_batches`).
 
 Landmark crops (the unaligned-face setting): a square of side
 ``crop_scale`` x the larger side of the 68 landmarks' bounding box, centred
@@ -23,7 +22,7 @@ from PIL import Image
 
 from progsr_jax import data
 from progsr_jax.data.loading import (  # noqa: F401 - re-exported for the commands
-    check_output, iter_loaded, loaded_batches, make_writable_dir)
+    iter_loaded, loaded_batches)
 from progsr_jax.errors import UserError
 
 #: Landmark crops imitate the framing of the paper's CelebA crops (178x178 of

@@ -25,8 +25,10 @@ import numpy as np
 import optax
 
 from progsr_jax import data as data_lib
+from progsr_jax import fan as fan_lib
 from progsr_jax import losses, models, vgg
 from progsr_jax.data import degradation as degradation_lib
+from progsr_jax.data import writing
 from progsr_jax.inference import SuperResolver
 from progsr_jax.training import checkpoint as ckpt_lib
 from progsr_jax.training import config as config_files
@@ -260,16 +262,23 @@ def stage_at(config, step: int) -> tuple[int, int]:
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Trains stages ``start_stage..final_stage`` in ``workdir``; resumes if it holds a checkpoint."""
     sr_config.validate(config, len(jax.devices()))
-    core.prepare_workdir(workdir)
-    ckpt_lib.check_or_write_config(workdir, config)
-    reporter = reporting.Reporter(workdir)
-    try:  # the log files and TensorBoard writer are closed however the run ends
-        return _train(config, workdir, reporter)
-    finally:
-        reporter.close()
+    if config.fan.checkpoint:  # the folders the config names, before any work
+        fan_lib.check_folder(config.fan.checkpoint)
+    if config.init_from:
+        ckpt_lib.resolve(config.init_from)
+    # A new workdir is removed again if the run stops before its training loop (a bad
+    # data root, FAN or init_from checkpoint): a failed run leaves nothing behind.
+    with writing.run_folder(workdir) as folder:
+        ckpt_lib.check_or_write_config(workdir, config)
+        reporter = reporting.Reporter(workdir)
+        try:  # the log files and TensorBoard writer are closed however the run ends
+            return _train(config, workdir, reporter, started=folder.keep)
+        finally:
+            reporter.close()
 
 
-def _train(config, workdir: str, reporter) -> TrainState:
+def _train(config, workdir: str, reporter, started: Callable[[], None] = lambda: None
+           ) -> TrainState:
     reporter.info(core.describe_devices())
     shard = core.data_parallel()
 
@@ -299,7 +308,6 @@ def _train(config, workdir: str, reporter) -> TrainState:
     vgg_params = distributed.replicate(vgg.load_vgg16_features_params(), shard.replicated)
     fan_module, fan_vars = None, None
     if config.fan.checkpoint:
-        from progsr_jax import fan as fan_lib
         fan_module, fan_vars = fan_lib.load_variables(config.fan.checkpoint)
         fan_vars = distributed.replicate(fan_vars, shard.replicated)
         reporter.info(f"heatmap and attention losses use the FAN at {config.fan.checkpoint}")
@@ -333,6 +341,7 @@ def _train(config, workdir: str, reporter) -> TrainState:
         bar.set_postfix(stage=stage, val_psnr=f"{values['val_psnr']:.2f}",
                         bicubic=f"{values['val_psnr_bicubic']:.2f}")
 
+    started()
     with core.StopSignal() as stop, \
             reporter.progress(total, int(state.step), config.log_every) as bar:
         for stage, begin, end in schedule:
