@@ -198,8 +198,8 @@ def export(checkpoint: str, output: str, formats: Sequence[str] = FORMATS,
         raise UserError("--output=DIR is required")
     if not os.path.exists(checkpoint):
         raise UserError(f"checkpoint not found: {checkpoint}")
+    writing.check_not_input(output, writing.checkpoint_inputs(checkpoint))
     out = writing.check_output(output)
-    writing.check_not_input(out, writing.checkpoint_inputs(checkpoint))
     if "onnx" in formats:  # a missing converter stops before the slow load
         try:
             import jax2onnx  # noqa: F401 - optional dependency, only probed here

@@ -10,8 +10,10 @@ Usage::
         [--mode=downsample|lowres]
 
 ``--exported=DIR`` runs a model written by ``python -m progsr_jax.export``
-instead of a checkpoint (``DIR/model.onnx`` in onnxruntime, else
-``DIR/model.stablehlo``; :mod:`progsr_jax.exported`), with the same file handling.
+instead of a checkpoint (``DIR/model.onnx`` in onnxruntime when it is
+installed, else ``DIR/model.stablehlo``; a line says which one runs when the
+folder holds both, ``--exported_format=onnx|stablehlo`` picks one;
+:mod:`progsr_jax.exported`), with the same file handling.
 
 ``--source=tfds`` super-resolves CelebA's ``--split`` read through TensorFlow
 Datasets (the paper's test set: ``--split=test``) with the training
@@ -41,15 +43,28 @@ Any image mode is accepted (gray, RGBA - composited on black -, CMYK,
 16-bit, palette, ...; see :func:`progsr_jax.data.open_image`).  The output is
 the model's output size (128x128 for a step-3 model), mapped to 8 bits as
 ``round((x + 1) * 127.5)`` clipped to 0..255 (:func:`progsr_jax.data.to_uint8`,
-i.e. ``clip(0.5 * x + 0.5, 0, 1)`` times 255) and saved as PNG.
+i.e. ``clip(0.5 * x + 0.5, 0, 1)`` times 255) and saved as PNG (a single
+output file: in the format its extension names).
 
 A folder input gives a folder output with the same relative names and the
 extension ``.png`` (``a/b.jpg`` -> ``OUT/a/b.png``; if two inputs would share
 a name, e.g. ``b.jpg`` and ``b.png``, the first keeps ``b.png`` and the next
-become ``b.jpg.png``...).  A file input writes the given output file (PNG
-data whatever the extension), or ``OUT/<stem>.png`` when ``--output`` is an
-existing folder or ends with a slash.  Unreadable files are named and
-skipped; the exit status is non-zero only when nothing could be processed.
+become ``b.jpg.png``...).  A file input writes the given output file in the
+format its extension names (``.png``; ``.jpg``/``.jpeg`` and ``.webp`` at
+quality 95; ``.bmp``; ``.tif``/``.tiff``; any other extension, or none, is
+refused), or ``OUT/<stem>.png`` when ``--output`` is an existing folder or
+ends with a slash.  Unreadable files are named and skipped; the exit status
+is non-zero only when nothing could be processed.
+
+Inputs are never overwritten: an ``--output`` that is the ``--input`` (the
+same file or folder, also through links), lies inside the input folder, or
+would put an output inside it, is refused (as is one that is the checkpoint
+or exported model) unless ``--overwrite`` is given; then each input is
+replaced by its own output and never by another's (names that would collide
+get the ``b.jpg.png`` form).  Everything is checked before the output folder
+is created (it appears with the first file written); each file is written
+under a temporary name and renamed (:mod:`progsr_jax.data.writing`,
+``docs/errors.md``).
 
 Photo mode
 ----------
@@ -71,7 +86,9 @@ pixels (pixel centres at integers) to the 178x218 aligned-CelebA frame;
 ``landmarks`` are left eye, right eye, nose tip, left and right mouth corner
 (as seen in the image); ``box`` is the detector's box, enlarged where needed
 so that it contains the landmarks.  A photo without a face gets an empty
-list, is still written (upscaled) and is named in a log line.  The EXIF
+list, is still written (upscaled) and is named in a log line; in place
+(``--output`` = ``--input`` with ``--overwrite``) a photo the run leaves
+unchanged (no face restored, scale 1) is not rewritten.  The EXIF
 orientation of a photo is applied first (the photo as viewers show it; boxes
 and points refer to that upright image).
 
@@ -238,9 +255,11 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
 def plan_tfds(split: str, output: str, limit: int | None, data_dir: str | None,
               inputs: list[writing.Input], log=print):
     """``([(name, output file)], loader)`` for CelebA's ``split`` through TFDS."""
+    if not output:
+        raise UserError("--output=DIR is required")
+    writing.check_not_input(output, inputs + ([writing.Input("--data_root", data_dir)]
+                                              if data_dir else []))
     dst = writing.check_output(output)
-    writing.check_not_input(dst, inputs + ([writing.Input("--data_root", data_dir)]
-                                           if data_dir else []))
     ds = data.build_dataset(dict(source="tfds", root=data_dir, split=split, max_images=limit),
                             log=log)
     plan = [(name, os.path.join(dst, name.replace("/", "_") + ".png")) for name in ds.files]
@@ -279,8 +298,9 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
         return run_photo(checkpoint, input_path, output, batch_size=batch_size, workers=workers,
                          progress=progress, overwrite=overwrite, log=log, **photo_options)
     if photo_options:
-        raise UserError(f"{', '.join('--' + k for k in sorted(photo_options))} only apply to "
-                        "--mode=photo")
+        names = sorted(photo_options)
+        raise UserError(f"{', '.join('--' + k for k in names)} only appl"
+                        f"{'ies' if len(names) == 1 else 'y'} to --mode=photo")
     inputs = model_inputs(checkpoint, exported)
     if source == "tfds":
         if mode != "downsample" or input_path:

@@ -273,7 +273,7 @@ CASES = [
     C("infer_no_model", "infer", "--input={d}/in --output={d}/out", "--checkpoint",
       lambda d, a: lowres_folder(d)),
     C("infer_photo_flag_without_photo", "infer", "--checkpoint={ckpt} --input={d}/in "
-      "--output={d}/out --upscale=4", "only apply to --mode=photo", lambda d, a: lowres_folder(d)),
+      "--output={d}/out --upscale=4", "only applies to --mode=photo", lambda d, a: lowres_folder(d)),
     C("infer_photo_bad_upscale", "infer", "--checkpoint={ckpt} --input={d}/in --output={d}/out "
       "--mode=photo --upscale=big", "upscale", lambda d, a: lowres_folder(d)),
     C("infer_photo_upscale_zero", "infer", "--checkpoint={ckpt} --input={d}/in "

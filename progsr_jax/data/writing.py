@@ -64,12 +64,15 @@ class Input(NamedTuple):
 
 
 def checkpoint_inputs(path: str, flag: str = "--checkpoint") -> list[Input]:
-    """A checkpoint as inputs: the folder given (no output may be it) and the ``checkpoints/``
-    folder it holds, if any (no output may go inside; ``WORKDIR/eval`` is fine)."""
+    """A checkpoint as inputs: the folder given (no output may be it) and its ``checkpoints/``
+    folder (no output may go inside it; ``WORKDIR/eval`` is fine); a ``checkpoints/`` or
+    one step's folder given itself is read whole."""
     inner = os.path.join(path, "checkpoints")
     if os.path.isdir(inner):
         return [Input(flag, path, tree=False), Input(flag, inner)]
-    return [Input(flag, path)]
+    folder = os.path.basename(os.path.normpath(path))
+    read_whole = folder == "checkpoints" or os.path.isdir(os.path.join(path, "generator"))
+    return [Input(flag, path, tree=read_whole)]
 
 
 def real(path: str) -> str:
@@ -167,7 +170,7 @@ def check_output(path: str | None, flag: str = "--output") -> str:
         raise UserError(f"{flag}=DIR is required")
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.lexists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag}={path} exists and is not a folder")
+        raise UserError(f"{flag}={path} is a file, not a folder")
     _try_create(path, f"{flag}={path}")
     return path
 
@@ -206,8 +209,6 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
         text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
         with open(tmp, mode, **text) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
@@ -327,12 +328,15 @@ def plan_outputs(input_path: str | None, output: str | None, *, overwrite: bool 
     plan, used = [], set()
     for f in files:
         rel = os.path.relpath(f, src)
+
+        def blocked(name: str, own: str = rel.lower()) -> bool:
+            return name in used or (name in taken and name != own)
+
         target = os.path.splitext(rel)[0] + ext
-        blocked = used | (taken - {rel.lower()})
-        if target.lower() in blocked:
+        if blocked(target.lower()):
             target = rel + ext
             k = 1
-            while target.lower() in blocked:
+            while blocked(target.lower()):
                 target = f"{rel}.{k}{ext}"
                 k += 1
         used.add(target.lower())

@@ -97,15 +97,16 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
         raise UserError(f"--size must be 64 or 128, got {size}")
     if crop_scale <= 0:
         raise UserError(f"--crop_scale must be > 0, got {crop_scale}")
-    out_dir = writing.check_output(output) if output else None
     root = os.path.abspath(os.path.expanduser(data_root))
     if not os.path.isdir(root):
         raise UserError(f"--data_root is not a folder: {root}")
-    if out_dir:
-        writing.check_not_input(out_dir, [writing.Input("--data_root", root),
-                                          writing.Input("--fan", fan_dir)]
+    out_dir = None
+    if output:
+        writing.check_not_input(output, [writing.Input("--data_root", root),
+                                         writing.Input("--fan", fan_dir)]
                                 + ([writing.Input("--reference_fan", reference_fan)]
                                    if reference_fan else []))
+        out_dir = writing.check_output(output)
     files = data.list_files("folder", root, "all")
     if limit:
         files = files[:limit]

@@ -291,13 +291,15 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
     if cfg.clip is None:
         cfg = dataclasses.replace(cfg, clip=cfg.protocol != "pfsr")
     _check_config(cfg)
-    out_dir = writing.check_output(cfg.output)
+    if not cfg.output:
+        raise UserError("--output=DIR is required")
     inputs = [writing.Input(flag, path) for flag, path in (
         ("--data_root", cfg.data_root), ("--lr_dir", cfg.lr_dir), ("--hr_dir", cfg.hr_dir))
         if path and (flag == "--data_root") != (cfg.source == "paired")]
     if cfg.method == "model" and cfg.checkpoint:
         inputs += writing.checkpoint_inputs(cfg.checkpoint)
-    writing.check_not_input(out_dir, inputs)
+    writing.check_not_input(cfg.output, inputs)
+    out_dir = writing.check_output(cfg.output)
     files, crop, loader = list_eval_files(cfg, log)
     root = os.path.abspath(os.path.expanduser(
         (cfg.hr_dir if cfg.source == "paired" else cfg.data_root) or "."))
