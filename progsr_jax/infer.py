@@ -311,9 +311,10 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
     else:
         plan = writing.plan_outputs(input_path, output, overwrite=overwrite, inputs=inputs)
         loader = _InputLoader(mode, crop)
-        folder = (os.path.dirname(plan[0][1]) if os.path.isfile(os.path.expanduser(input_path))
-                  else os.path.abspath(os.path.expanduser(output)))
-        writing.check_output(folder)
+        if os.path.isfile(os.path.expanduser(input_path)):
+            folder = os.path.dirname(writing.check_output_file(plan[0][1]))
+        else:
+            folder = writing.check_output(output)
     if exported:
         model = exported_model.load(exported, None if exported_format == "auto"
                                     else exported_format, log=log)

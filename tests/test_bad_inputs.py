@@ -107,7 +107,7 @@ class Case:
     args: tuple[str, ...]  # formatted with d (the case folder) and the assets' names
     expect: str  # a substring of the error line
     setup: Callable | None = None  # setup(d, assets)
-    needs: str | None = None  # "onnx", "proc": skipped without it
+    needs: str | None = None  # "onnx", "proc", "mtcnn" (its weights): skipped without it
 
 
 def C(id, command, args, expect, setup=None, needs=None):  # noqa: N802 - a table row
@@ -156,11 +156,15 @@ CASES = [
     C("infer_folder_to_existing_file", "infer", f"--checkpoint={{ckpt}} --input={{d}}/in "
       f"--output={{d}}/in2.png {LOW}", "must be a folder",
       lambda d, a: (lowres_folder(d), png(d / "in2.png"))),
+    C("infer_folder_to_image_name", "infer", f"--checkpoint={{ckpt}} --input={{d}}/in "
+      f"--output={{d}}/sr.png {LOW}", "named like an image file", lambda d, a: lowres_folder(d)),
     # --- infer: output names and places
     C("infer_output_txt_extension", "infer", f"--checkpoint={{ckpt}} --input={{d}}/face.png "
       f"--output={{d}}/sr.txt {LOW}", "not an image format", lambda d, a: png(d / "face.png")),
     C("infer_output_no_extension", "infer", f"--checkpoint={{ckpt}} --input={{d}}/face.png "
       f"--output={{d}}/result {LOW}", "no extension", lambda d, a: png(d / "face.png")),
+    C("infer_output_name_too_long", "infer", "--checkpoint={ckpt} --input={d}/face.png "
+      f"--output={{d}}/{'x' * 300}.png {LOW}", "name too long", lambda d, a: png(d / "face.png")),
     C("infer_output_under_a_file", "infer", f"--checkpoint={{ckpt}} --input={{d}}/in "
       f"--output={{d}}/afile/sr {LOW}", "is a file",
       lambda d, a: (lowres_folder(d), (d / "afile").write_text("x"))),
@@ -245,6 +249,10 @@ CASES = [
       f"--output={{d}}/out --exported_format=stablehlo {LOW}", "no valid 'stage'",
       lambda d, a: (lowres_folder(d), copy(a.exported, d / "ex"),
                     edit_json(d / "ex/model.stablehlo.json", stage=None))),
+    C("infer_exported_contract_lies", "infer", "--exported={d}/ex --input={d}/in "
+      f"--output={{d}}/out --exported_format=stablehlo {LOW}", "as its contract says",
+      lambda d, a: (lowres_folder(d), copy(a.exported, d / "ex"),
+                    edit_json(d / "ex/model.stablehlo.json", stage=2, output_size=64))),
     C("infer_exported_format_absent", "infer", "--exported={d}/ex --input={d}/in "
       f"--output={{d}}/out --exported_format=onnx {LOW}", "no model.onnx",
       lambda d, a: (lowres_folder(d), copy(a.exported, d / "ex"),
@@ -435,8 +443,8 @@ CASES = [
     C("main_launch_flag_without_multihost", "main", f"{SMOKE} --workdir={{d}}/wd "
       "--coordinator_address=localhost:1234", "needs --multihost"),
     # --- distill
-    C("distill_workdir_is_a_file", "distill", f"{DSMOKE} --workdir={{d}}/wd", "not a folder",
-      lambda d, a: (d / "wd").write_text("x")),
+    C("distill_workdir_is_a_file", "distill", f"{DSMOKE} --workdir={{d}}/wd "
+      "--config.teacher_heatmaps={d}/hm", "not a folder", lambda d, a: (d / "wd").write_text("x")),
     C("distill_unknown_config_key", "distill", f"{DSMOKE} --workdir={{d}}/wd --config.stepz=3",
       "did you mean --config.steps"),
     C("distill_teacher_missing", "distill", f"{DSMOKE} --workdir={{d}}/wd "
@@ -494,6 +502,14 @@ def _have(what: str | None) -> bool:
         try:
             import onnxruntime  # noqa: F401 - optional: only asked whether it is there
         except ImportError:
+            return False
+    if what == "mtcnn":
+        from progsr_jax.errors import UserError
+        from progsr_jax.photo import mtcnn
+
+        try:
+            mtcnn.weights_dir()
+        except UserError:
             return False
     return True
 
@@ -571,8 +587,6 @@ def test_cases_have_unique_names():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, results):
-    if case.needs == "mtcnn":
-        pytest.importorskip("facenet_pytorch", reason="the MTCNN weights come with facenet-pytorch")
     if not _have(case.needs):
         pytest.skip(f"needs {case.needs}")
     proc, before, after, seconds = results[case.id]

@@ -14,8 +14,8 @@ these pieces, so that:
   written (a trial folder and file are made and removed again); the folder
   itself is created right before its first file (:func:`ensure_parent`);
 * **a file appears whole or not at all**: :func:`atomic_write` writes under a
-  temporary name in the target's folder, then renames it over the target
-  (``os.replace``); :func:`save_image`, :func:`write_bytes`,
+  temporary name (``.XXXXXXXX.tmp``) in the target's folder, then renames it
+  over the target (``os.replace``); :func:`save_image`, :func:`write_bytes`,
   :func:`write_text` and :func:`write_json` are built on it.  A hard or
   symbolic link at the target is replaced by the new file; what it pointed
   to is left as it was;
@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from typing import IO, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -46,6 +47,15 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP",
                  ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
 #: Quality of JPEG and (lossy) WebP outputs.
 JPEG_QUALITY = 95
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import (os.umask can only be read by setting it)
 
 
 # ----------------------------------------------------------- inputs are sacred
@@ -135,8 +145,9 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def _try_create(folder: str, what: str) -> None:
-    """Makes the missing part of ``folder`` and a file in it, then removes them again."""
+def _try_create(folder: str, what: str, probe: str | None = None) -> None:
+    """Makes the missing part of ``folder`` and a file in it (``probe``, default a test
+    name), then removes them again."""
     top = _nearest_existing(folder)
     if not os.path.isdir(top):
         raise UserError(f"cannot write to {what}: {top} is a file, not a folder")
@@ -150,7 +161,7 @@ def _try_create(folder: str, what: str) -> None:
         for d in reversed(missing):
             os.mkdir(d)
             made.append(d)
-        probe = os.path.join(folder, f".progsr_write_test_{os.getpid()}")
+        probe = probe or os.path.join(folder, f".progsr_write_test_{os.getpid()}")
         with open(probe, "wb"):
             pass
         os.remove(probe)
@@ -176,11 +187,13 @@ def check_output(path: str | None, flag: str = "--output") -> str:
 
 
 def check_output_file(path: str, flag: str = "--output") -> str:
-    """The absolute output file ``path``, its folder checked as :func:`check_output` does."""
+    """The absolute output file ``path``, its folder checked as :func:`check_output` does
+    (with the file's own name when it does not exist yet: a name too long fails here)."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         raise UserError(f"{flag}={path} is a folder; give a file name")
-    _try_create(os.path.dirname(path), f"{flag}={path}")
+    _try_create(os.path.dirname(path), f"{flag}={path}",
+                None if os.path.lexists(path) else path)
     return path
 
 
@@ -203,18 +216,21 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     the block finished (a temporary name in the same folder, then ``os.replace``); its
     folder is created first.  An OSError is a UserError naming ``path``."""
     ensure_parent(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(
+            os.path.abspath(path)))
         text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-        with open(tmp, mode, **text) as f:
+        with open(fd, mode, **text) as f:
             yield f
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a new file's usual mode
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def write_bytes(path: str, payload: bytes) -> None:
@@ -320,6 +336,9 @@ def plan_outputs(input_path: str | None, output: str | None, *, overwrite: bool 
         raise UserError(f"--input does not exist: {src}")
     if os.path.lexists(dst) and not os.path.isdir(dst):
         raise UserError(f"--input is a folder, so --output must be a folder, but {dst} is a file")
+    if not os.path.isdir(dst) and os.path.splitext(dst)[1].lower() in IMAGE_FORMATS:
+        raise UserError(f"--input is a folder, so --output must be a folder, but {dst} is named "
+                        "like an image file (end it with / if you mean a folder of that name)")
     check_not_input(dst, given, **rules)
     files = data.list_files("folder", src, "all")
     in_place = real(dst) == real(src)
