@@ -21,6 +21,7 @@ complete, so a run killed during a save still has its previous checkpoint.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -85,6 +86,7 @@ def load_generator(path: str) -> tuple[dict, dict]:
     except FileNotFoundError as e:
         raise UserError(f"incomplete checkpoint at {directory}/{step}: {e}") from None
     except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt Orbax/TensorStore files
+        quiet_closed_loop_reports()
         raise UserError(f"cannot read the checkpoint at {directory}/{step} (truncated or "
                         f"corrupt?): {_first_line(e)}") from None
     finally:
@@ -100,6 +102,23 @@ def load_generator(path: str) -> tuple[dict, dict]:
                         "batch_stats")
     gen = jax.tree_util.tree_map(np.asarray, gen)
     return gen, meta
+
+
+def _drop_closed_loop_reports(args) -> None:
+    if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+        return
+    _previous_unraisablehook(args)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def quiet_closed_loop_reports() -> None:
+    """After a failed restore: Orbax stops at the first read that fails while TensorStore's
+    other reads are still running; as they finish they call into Orbax's closed asyncio
+    loop, and Python would print each ``RuntimeError: Event loop is closed`` as a
+    traceback after the one-line error.  Those reports are dropped (others are not)."""
+    sys.unraisablehook = _drop_closed_loop_reports
 
 
 def _first_line(e: BaseException) -> str:

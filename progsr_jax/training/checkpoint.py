@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from progsr_jax.checkpoints import (  # noqa: F401 - the format, re-exported for callers
-    FORMAT, ITEMS, load_discriminator, load_generator, manager, resolve, save_converted)
+    FORMAT, ITEMS, load_discriminator, load_generator, manager, quiet_closed_loop_reports, resolve,
+    save_converted)
 from progsr_jax.errors import UserError
 
 # Config fields that must not change when a run is resumed.
@@ -88,6 +89,7 @@ def restore_latest(mgr: ocp.CheckpointManager, template_state):
         restored = mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(template))))
     except (OSError, ValueError, KeyError, TypeError) as e:
+        quiet_closed_loop_reports()
         raise UserError(f"cannot restore the checkpoint at {mgr.directory}/{step} (corrupt, or "
                         f"another architecture or width?): {str(e).splitlines()[0][:200]}"
                         ) from None
