@@ -121,8 +121,8 @@ MH = "--multihost --num_processes=2"
 
 CASES = [
     # --- infer: outputs that are (or would overwrite, or mix with) inputs
-    C("infer_same_folder", "infer", f"--checkpoint={{ckpt}} --input={{d}}/in --output={{d}}/in {LOW}",
-      "is the --input", lambda d, a: lowres_folder(d)),
+    C("infer_same_folder", "infer", f"--checkpoint={{ckpt}} --input={{d}}/in "
+      f"--output={{d}}/in {LOW}", "is the --input", lambda d, a: lowres_folder(d)),
     C("infer_same_file", "infer", f"--checkpoint={{ckpt}} --input={{d}}/face.png "
       f"--output={{d}}/face.png {LOW}", "is the --input", lambda d, a: png(d / "face.png")),
     C("infer_output_inside_input", "infer", f"--checkpoint={{ckpt}} --input={{d}}/in "
@@ -281,7 +281,8 @@ CASES = [
     C("infer_no_model", "infer", "--input={d}/in --output={d}/out", "--checkpoint",
       lambda d, a: lowres_folder(d)),
     C("infer_photo_flag_without_photo", "infer", "--checkpoint={ckpt} --input={d}/in "
-      "--output={d}/out --upscale=4", "only applies to --mode=photo", lambda d, a: lowres_folder(d)),
+      "--output={d}/out --upscale=4", "only applies to --mode=photo",
+      lambda d, a: lowres_folder(d)),
     C("infer_photo_bad_upscale", "infer", "--checkpoint={ckpt} --input={d}/in --output={d}/out "
       "--mode=photo --upscale=big", "upscale", lambda d, a: lowres_folder(d)),
     C("infer_photo_upscale_zero", "infer", "--checkpoint={ckpt} --input={d}/in "
