@@ -35,6 +35,7 @@ import time
 from absl import flags
 
 from progsr_jax import cli
+from progsr_jax.data import degradation, writing
 from progsr_jax.errors import UserError
 
 
@@ -76,6 +77,21 @@ def _check(fv):
         raise UserError(f"--batch_size must be at least 2, got {fv.batch_size}")
     if fv.steps < 1:
         raise UserError(f"--steps must be >= 1, got {fv.steps}")
+    if fv.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {fv.warmup}")
+    for name in ("width", "d_width", "peak_tflops"):
+        if fv[name].value is not None and not fv[name].value > 0:
+            raise UserError(f"--{name} must be > 0, got {fv[name].value}")
+    if fv.timeout < 1:
+        raise UserError(f"--timeout must be >= 1 second, got {fv.timeout}")
+    if fv.torch_threads < 0:
+        raise UserError(f"--torch_threads must be >= 0 (0: default), got {fv.torch_threads}")
+    if fv.mode == "data" and degradation.from_config(fv.degradation) is None:
+        raise UserError("--mode=data needs a --degradation preset other than 'none'")
+    if fv.out is not None:
+        if not fv.suite:
+            raise UserError("--out is only written by --suite")
+        writing.check_output_file(fv.out, "--out")
 
 
 def _device_info():
@@ -165,7 +181,6 @@ def bench_data(batch_size, steps, warmup, preset, threads):
     import os
 
     from progsr_jax import data
-    from progsr_jax.data import degradation
 
     spec = degradation.from_config(preset)
     if spec is None:
@@ -231,7 +246,6 @@ def bench_jax_inference(batch_size, steps, warmup, dtype, width):
 def bench_export(steps, warmup, width, batch_sizes=(1, 64)):
     """Faces/s of the ONNX export in onnxruntime (CPU) and of the JAX path, in one process."""
     import os
-    import tempfile
 
     import jax
     import numpy as np
@@ -247,10 +261,8 @@ def bench_export(steps, warmup, width, batch_sizes=(1, 64)):
             from None
     _, variables = gan.init_generator(jax.random.PRNGKey(0), width)
     sr = SuperResolver(variables, 3, 1.0, width)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, export.FILES["onnx"])
-        export.export_onnx(export.generator_fn(sr), None, path)  # dynamic batch
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    payload, _ = export.export_onnx(export.generator_fn(sr), None)  # dynamic batch
+    session = onnxruntime.InferenceSession(payload, providers=["CPUExecutionProvider"])
     rows = []
     for n in batch_sizes:
         x = np.random.default_rng(0).uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32)

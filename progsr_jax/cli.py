@@ -24,6 +24,7 @@ unexpected argument into a :class:`UserError`.  :func:`run` prints a
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -85,6 +86,8 @@ def _parse(argv, define, doc, config) -> tuple[flags.FlagValues, list[str]]:
     except flags.Error as e:
         raise UserError(str(e).splitlines()[0]) from None
     except Exception as e:  # noqa: BLE001 - config files: missing, bad variant, bad override
+        if config:
+            _check_override_keys(argv)
         raise UserError(f"could not load the configuration: {str(e).splitlines()[0]}") from None
     if config:
         _check_config(fv, config)
@@ -101,6 +104,56 @@ def _resolve_recipe(argv: list[str]) -> list[str]:
         elif arg == "--config" and i + 1 < len(out):
             out[i + 1] = config_files.resolve(out[i + 1])
     return out
+
+
+def _flat_keys(node, prefix: str = "") -> list[str]:
+    """The dotted names of a ConfigDict's values (the fields of inner dicts, recursively)."""
+    keys = []
+    for k in node.keys():
+        value = node[k]
+        if hasattr(value, "keys") and callable(value.keys):
+            keys += _flat_keys(value, prefix + k + ".")
+        else:
+            keys.append(prefix + k)
+    return keys
+
+
+def _check_override_keys(argv: Sequence[str]) -> None:
+    """A ``--config.<key>=...`` naming no field of the config file -> a UserError that
+    names it and the nearest valid key; returns when every key exists (or the file
+    cannot be read: the caller reports that)."""
+    spec = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return
+    try:
+        cfg = config_files.load(spec)
+    except Exception:  # noqa: BLE001 - a config that does not load is reported by the caller
+        return
+    keys = _flat_keys(cfg)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        parts = key.split(".")
+        node, known = cfg, []
+        for part in parts:
+            if not (hasattr(node, "keys") and callable(node.keys)):
+                raise UserError(f"unknown config key --config.{key}: "
+                                f"{'.'.join(known)} is a value, not a group of fields")
+            if part not in node.keys():
+                prefix = "".join(k + "." for k in known)
+                near = [prefix + m for m in difflib.get_close_matches(part, list(node.keys()), 1)]
+                near = near or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+                if not near:  # the right name in another group: --config.lr -> optim.lr
+                    by_name = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+                    near = [by_name[m] for m in difflib.get_close_matches(part, list(by_name), 1)]
+                hint = (f"; did you mean --config.{near[0]}?" if near else
+                        f"; the fields{' of ' + prefix[:-1] if prefix else ''} are "
+                        f"{', '.join(sorted(node.keys()))}")
+                raise UserError(f"unknown config key --config.{key} (no field "
+                                f"{part!r} in {spec}){hint}")
+            node = node[part]
+            known.append(part)
 
 
 def _check_config(fv: flags.FlagValues, example: str) -> None:

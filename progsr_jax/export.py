@@ -38,7 +38,6 @@ records the stage, alpha and output size).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -49,6 +48,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from progsr_jax import __version__, cli, inference
+from progsr_jax.data import writing
 from progsr_jax.errors import UserError
 
 FORMATS = ("onnx", "stablehlo")
@@ -150,37 +150,39 @@ def onnx_converter():
     return onnx, to_onnx
 
 
-def export_onnx(fn, batch: int | None, path: str) -> dict:
-    """Writes ``fn`` as an ONNX model; returns the contract's converter fields."""
+def export_onnx(fn, batch: int | None) -> tuple[bytes, dict]:
+    """``fn`` as a serialized ONNX model, and the contract's converter fields."""
     onnx, to_onnx = onnx_converter()
 
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # "value type ... not known" notes
     shape = ("batch" if batch is None else batch, 16, 16, 3)
     model = to_onnx(fn, [shape], model_name="progsr_generator", opset=ONNX_OPSET,
                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
-    onnx.save_model(model, path)
-    return {"converter": {"name": "jax2onnx",
-                          "version": importlib.metadata.version("jax2onnx")},
-            "opset": ONNX_OPSET, "onnx": onnx.__version__}
+    return model.SerializeToString(), {
+        "converter": {"name": "jax2onnx", "version": importlib.metadata.version("jax2onnx")},
+        "opset": ONNX_OPSET, "onnx": onnx.__version__}
 
 
-def export_stablehlo(fn, batch: int | None, path: str, platforms: Sequence[str]) -> dict:
-    """Writes ``jax.export(jax.jit(fn))`` serialized; returns the contract's fields."""
+def export_stablehlo(fn, batch: int | None, platforms: Sequence[str]) -> tuple[bytes, dict]:
+    """``jax.export(jax.jit(fn))`` serialized, and the contract's fields."""
     shape = jax.export.symbolic_shape("batch, 16, 16, 3") if batch is None else (batch, 16, 16, 3)
     exp = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
         jax.ShapeDtypeStruct(shape, jnp.float32))
-    with open(path, "wb") as f:
-        f.write(exp.serialize())
-    return {"converter": {"name": "jax.export", "version": jax.__version__},
-            "platforms": list(exp.platforms),
-            "calling_convention_version": exp.calling_convention_version,
-            "run_with": "jax.export.deserialize(open(file, 'rb').read()).call(x)"}
+    return bytes(exp.serialize()), {
+        "converter": {"name": "jax.export", "version": jax.__version__},
+        "platforms": list(exp.platforms),
+        "calling_convention_version": exp.calling_convention_version,
+        "run_with": "jax.export.deserialize(open(file, 'rb').read()).call(x)"}
 
 
 def export(checkpoint: str, output: str, formats: Sequence[str] = FORMATS,
            batch_size: str | int | None = "dynamic", partial: bool = False,
            platforms: Sequence[str] = PLATFORMS, log=print) -> dict[str, str]:
-    """Exports the generator at ``checkpoint`` into ``output``; returns ``{format: file}``."""
+    """Exports the generator at ``checkpoint`` into ``output``; returns ``{format: file}``.
+
+    Everything is checked and converted before ``output`` is created; each
+    file is written atomically (:mod:`progsr_jax.data.writing`).
+    """
     formats = parse_formats(formats)
     batch = parse_batch(batch_size)
     platforms = [p.strip().lower() for p in platforms if p.strip()]
@@ -194,15 +196,8 @@ def export(checkpoint: str, output: str, formats: Sequence[str] = FORMATS,
         raise UserError("--output=DIR is required")
     if not os.path.exists(checkpoint):
         raise UserError(f"checkpoint not found: {checkpoint}")
-    out = os.path.abspath(os.path.expanduser(output))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--output={out} is a file; it must be a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --output={out}: {e.strerror or e}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"--output={out} is not writable")
+    writing.check_not_input(output, writing.checkpoint_inputs(checkpoint))
+    out = writing.check_output(output)
     if "onnx" in formats:  # a missing converter stops before the slow load
         onnx_converter()
 
@@ -215,20 +210,21 @@ def export(checkpoint: str, output: str, formats: Sequence[str] = FORMATS,
     log(f"exporting the stage-{sr.stage} generator (alpha {sr.alpha:g}, width {sr.width:g}, "
         f"16x16 -> {sr.output_size}x{sr.output_size}, batch "
         f"{'dynamic' if batch is None else batch}) from {checkpoint}")
-    written = {}
+    artefacts = {}
     for fmt in formats:
+        payload, extra = (export_onnx(fn, batch) if fmt == "onnx"
+                          else export_stablehlo(fn, batch, platforms))
+        artefacts[fmt] = payload, contract(sr, fmt, batch, checkpoint, extra)
+    written = {}
+    for fmt in FORMATS:
+        if fmt not in artefacts and os.path.isfile(os.path.join(out, FILES[fmt])):
+            log(f"note: {out} also holds an older {FILES[fmt]}; infer --exported runs "
+                f"{FILES['onnx']} when both are there (--exported_format picks one)")
+    for fmt, (payload, terms) in artefacts.items():
         path = os.path.join(out, FILES[fmt])
-        try:
-            if fmt == "onnx":
-                extra = export_onnx(fn, batch, path)
-            else:
-                extra = export_stablehlo(fn, batch, path, platforms)
-            with open(path + ".json", "w") as f:
-                json.dump(contract(sr, fmt, batch, checkpoint, extra), f, indent=1)
-                f.write("\n")
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-        log(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB) and {FILES[fmt]}.json")
+        writing.write_bytes(path, payload)
+        writing.write_json(path + ".json", terms, indent=1)
+        log(f"wrote {path} ({len(payload) / 2 ** 20:.1f} MiB) and {FILES[fmt]}.json")
         written[fmt] = path
     return written
 

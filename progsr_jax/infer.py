@@ -10,8 +10,10 @@ Usage::
         [--mode=downsample|lowres]
 
 ``--exported=DIR`` runs a model written by ``python -m progsr_jax.export``
-instead of a checkpoint (``DIR/model.onnx`` in onnxruntime, else
-``DIR/model.stablehlo``; :mod:`progsr_jax.inference.serialized`), with the same file handling.
+instead of a checkpoint (``DIR/model.onnx`` in onnxruntime when it is
+installed, else ``DIR/model.stablehlo``; a line says which one runs when the
+folder holds both, ``--exported_format=onnx|stablehlo`` picks one;
+:mod:`progsr_jax.inference.serialized`), with the same file handling.
 
 ``--source=tfds`` super-resolves CelebA's ``--split`` read through TensorFlow
 Datasets (the paper's test set: ``--split=test``) with the training
@@ -41,15 +43,28 @@ Any image mode is accepted (gray, RGBA - composited on black -, CMYK,
 16-bit, palette, ...; see :func:`progsr_jax.data.open_image`).  The output is
 the model's output size (128x128 for a step-3 model), mapped to 8 bits as
 ``round((x + 1) * 127.5)`` clipped to 0..255 (:func:`progsr_jax.data.to_uint8`,
-i.e. ``clip(0.5 * x + 0.5, 0, 1)`` times 255) and saved as PNG.
+i.e. ``clip(0.5 * x + 0.5, 0, 1)`` times 255) and saved as PNG (a single
+output file: in the format its extension names).
 
 A folder input gives a folder output with the same relative names and the
 extension ``.png`` (``a/b.jpg`` -> ``OUT/a/b.png``; if two inputs would share
 a name, e.g. ``b.jpg`` and ``b.png``, the first keeps ``b.png`` and the next
-become ``b.jpg.png``...).  A file input writes the given output file (PNG
-data whatever the extension), or ``OUT/<stem>.png`` when ``--output`` is an
-existing folder or ends with a slash.  Unreadable files are named and
-skipped; the exit status is non-zero only when nothing could be processed.
+become ``b.jpg.png``...).  A file input writes the given output file in the
+format its extension names (``.png``; ``.jpg``/``.jpeg`` and ``.webp`` at
+quality 95; ``.bmp``; ``.tif``/``.tiff``; any other extension, or none, is
+refused), or ``OUT/<stem>.png`` when ``--output`` is an existing folder or
+ends with a slash.  Unreadable files are named and skipped; the exit status
+is non-zero only when nothing could be processed.
+
+Inputs are never overwritten: an ``--output`` that is the ``--input`` (the
+same file or folder, also through links), lies inside the input folder, or
+would put an output inside it, is refused (as is one that is the checkpoint
+or exported model) unless ``--overwrite`` is given; then each input is
+replaced by its own output and never by another's (names that would collide
+get the ``b.jpg.png`` form).  Everything is checked before the output folder
+is created (it appears with the first file written); each file is written
+under a temporary name and renamed (:mod:`progsr_jax.data.writing`,
+``docs/errors.md``).
 
 Photo mode
 ----------
@@ -71,7 +86,9 @@ pixels (pixel centres at integers) to the 178x218 aligned-CelebA frame;
 ``landmarks`` are left eye, right eye, nose tip, left and right mouth corner
 (as seen in the image); ``box`` is the detector's box, enlarged where needed
 so that it contains the landmarks.  A photo without a face gets an empty
-list, is still written (upscaled) and is named in a log line.  The EXIF
+list, is still written (upscaled) and is named in a log line; in place
+(``--output`` = ``--input`` with ``--overwrite``) a photo the run leaves
+unchanged (no face restored, scale 1) is not rewritten.  The EXIF
 orientation of a photo is applied first (the photo as viewers show it; boxes
 and points refer to that upright image).
 
@@ -102,15 +119,17 @@ from absl import flags
 from PIL import Image
 
 from progsr_jax import cli, data, inference
-from progsr_jax.data import crops
-from progsr_jax.data.reading import loaded_batches, make_writable_dir
+from progsr_jax.data import crops, writing
+from progsr_jax.data.reading import loaded_batches
 from progsr_jax.errors import UserError
-from progsr_jax.inference import batching
-from progsr_jax.inference import serialized as exported_model
-from progsr_jax.photo import detection, folders
-from progsr_jax.photo import restoration as pipeline
+from progsr_jax.inference import batching, serialized
+from progsr_jax.photo import detection, restoration
+from progsr_jax.photo.folders import plan_photo_outputs, restore_files
 
 MODES = ("downsample", "lowres", "photo")
+#: The flags of --mode=photo alone (run_photo's options).
+PHOTO_FLAGS = ("upscale", "min_face", "max_faces", "only_center_face", "max_face",
+               "detector_weights")
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -118,8 +137,14 @@ def define(fv: flags.FlagValues) -> None:
                         "converted official checkpoint", flag_values=fv)
     flags.DEFINE_string("exported", None, "instead of --checkpoint: a folder written by "
                         "progsr_jax.export (not for --mode=photo)", flag_values=fv)
+    flags.DEFINE_enum("exported_format", "auto", ("auto",) + serialized.BACKENDS,
+                      "with --exported: which model of the folder runs (auto: model.onnx when "
+                      "onnxruntime is installed, else model.stablehlo)", flag_values=fv)
     flags.DEFINE_string("input", None, "an image file or a folder of images", flag_values=fv)
-    flags.DEFINE_string("output", None, "output PNG file (file input) or folder", flag_values=fv)
+    flags.DEFINE_string("output", None, "output image file (file input; .png, .jpg, ... its "
+                        "extension names the format) or folder", flag_values=fv)
+    flags.DEFINE_boolean("overwrite", False, "allow --output to be --input (or inside it): "
+                         "outputs replace the inputs they are made from", flag_values=fv)
     flags.DEFINE_enum("mode", "downsample", MODES, "downsample: training preprocessing to "
                       "16x16 first; lowres: the input is the low-resolution face; photo: "
                       "every face of a photo, aligned, restored and pasted back",
@@ -189,39 +214,49 @@ def load_model(checkpoint: str | None):
     return inference.load(checkpoint)
 
 
+def model_inputs(checkpoint: str | None, exported: str | None) -> list[writing.Input]:
+    """What the model flags read, for :func:`progsr_jax.data.writing.check_not_input`."""
+    if exported:
+        return [writing.Input("--exported", exported, tree=False)]
+    return writing.checkpoint_inputs(checkpoint) if checkpoint else []
+
+
 def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="auto",
               min_face: float = 20.0, max_faces: int | None = None,
               max_face: float | None = None,
               only_center_face: bool = False, detector_weights: str | None = None,
-              batch_size: int = 16, workers: int = 2, progress: bool = True, log=print) -> dict:
+              batch_size: int = 16, workers: int = 2, progress: bool = True,
+              overwrite: bool = False, log=print) -> dict:
     """``--mode=photo``: :func:`progsr_jax.photo.restore_photo` on every photo, files written
     (:func:`progsr_jax.photo.folders.restore_files`, which tells what it returns)."""
-    upscale = pipeline.parse_upscale(upscale)
-    max_face = pipeline.DEFAULT_MAX_FACE if max_face is None else max_face
+    upscale = restoration.parse_upscale(upscale)
+    max_face = restoration.DEFAULT_MAX_FACE if max_face is None else max_face
     if max_face < 0:
         raise UserError(f"--max_face must be >= 0 (0: restore every face), got {max_face:g}")
-    out_root, plan = folders.plan_photo_outputs(input_path, output)
     if max_faces is not None and max_faces < 1:
         raise UserError(f"--max_faces must be at least 1, got {max_faces}")
+    out_root, plan = plan_photo_outputs(input_path, output, overwrite=overwrite,
+                                        inputs=model_inputs(checkpoint, None))
+    writing.check_output(out_root)
     detector = detection.Detector(detector_weights, min_face=min_face)  # weights missing: stop here
     model = load_model(checkpoint)
     if model.output_size != 128:
         raise UserError(f"--mode=photo needs a stage-3 model (128x128 outputs); {checkpoint} "
                         f"makes {model.output_size}x{model.output_size}")
-    make_writable_dir(out_root, f"--output={out_root}")
-    return folders.restore_files(model, detector, out_root, plan, upscale=upscale, max_faces=max_faces,
+    return restore_files(model, detector, out_root, plan, upscale=upscale, max_faces=max_faces,
                          max_face=max_face, only_center_face=only_center_face,
                          batch_size=batch_size,
                          workers=workers, progress=progress, log=log)
 
 
-def plan_tfds(split: str, output: str, limit: int | None, data_dir: str | None, log=print):
+def plan_tfds(split: str, output: str, limit: int | None, data_dir: str | None,
+              inputs: list[writing.Input], log=print):
     """``([(name, output file)], loader)`` for CelebA's ``split`` through TFDS."""
     if not output:
         raise UserError("--output=DIR is required")
-    dst = os.path.abspath(os.path.expanduser(output))
-    if os.path.isfile(dst):
-        raise UserError(f"--source=tfds writes a folder, but --output={dst} is a file")
+    writing.check_not_input(output, inputs + ([writing.Input("--data_root", data_dir)]
+                                              if data_dir else []))
+    dst = writing.check_output(output)
     ds = data.build_dataset(dict(source="tfds", root=data_dir, split=split, max_images=limit),
                             log=log)
     plan = [(name, os.path.join(dst, name.replace("/", "_") + ".png")) for name in ds.files]
@@ -233,13 +268,15 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
         batch_size: int = 16, crop: str = "square", workers: int = 2,
         progress: bool = True, log=print, source: str = "files", split: str = "test",
         limit: int | None = None, data_root: str | None = None, exported: str | None = None,
-        **photo_options) -> dict:
+        overwrite: bool = False, exported_format: str = "auto", **photo_options) -> dict:
     """Super-resolves the inputs; returns ``{'written': [...], 'skipped': [(path, reason)]}``.
 
     ``mode='photo'`` hands over to :func:`run_photo` with ``photo_options``
     (``upscale``, ``min_face``, ``max_faces``, ``only_center_face``,
     ``detector_weights``).  ``exported``: a folder of :mod:`progsr_jax.export` to run
-    instead of ``checkpoint`` (not in photo mode).
+    instead of ``checkpoint`` (not in photo mode), ``exported_format`` which of its models.
+    ``overwrite``: outputs may replace inputs (:func:`progsr_jax.data.writing.plan_outputs`).
+    Everything is checked before the output is created; each file is written atomically.
     """
     if mode not in MODES:
         raise UserError(f"unknown --mode={mode}; expected one of {', '.join(MODES)}")
@@ -252,22 +289,34 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
     if not checkpoint and not exported:
         raise UserError("--checkpoint=PATH is required (a training workdir, a checkpoint "
                         "directory or a converted official checkpoint), or --exported=DIR")
+    if exported_format != "auto" and not exported:
+        raise UserError("--exported_format only applies with --exported")
     if mode == "photo":
         return run_photo(checkpoint, input_path, output, batch_size=batch_size, workers=workers,
-                         progress=progress, log=log, **photo_options)
+                         progress=progress, overwrite=overwrite, log=log, **photo_options)
     if photo_options:
-        raise UserError(f"{', '.join('--' + k for k in sorted(photo_options))} only apply to "
-                        "--mode=photo")
+        names = sorted(photo_options)
+        raise UserError(f"{', '.join('--' + k for k in names)} only appl"
+                        f"{'ies' if len(names) == 1 else 'y'} to --mode=photo")
+    inputs = model_inputs(checkpoint, exported)
     if source == "tfds":
         if mode != "downsample" or input_path:
             raise UserError("--source=tfds reads CelebA itself: no --input, and only "
                             "--mode=downsample")
-        plan, loader = plan_tfds(split, output, limit, data_root, log)
+        plan, loader = plan_tfds(split, output, limit, data_root, inputs, log)
+        folder = os.path.abspath(os.path.expanduser(output))
     else:
-        plan, loader = folders.plan_outputs(input_path, output), _InputLoader(mode, crop)
-    folder = os.path.dirname(plan[0][1])
-    make_writable_dir(folder, folder)
-    model = exported_model.load(exported) if exported else load_model(checkpoint)
+        plan = writing.plan_outputs(input_path, output, overwrite=overwrite, inputs=inputs)
+        loader = _InputLoader(mode, crop)
+        if os.path.isfile(os.path.expanduser(input_path)):
+            folder = os.path.dirname(writing.check_output_file(plan[0][1]))
+        else:
+            folder = writing.check_output(output)
+    if exported:
+        model = serialized.load(exported, None if exported_format == "auto"
+                                    else exported_format, log=log)
+    else:
+        model = load_model(checkpoint)
     targets = dict(plan)
     written: list[str] = []
     skipped: list[tuple[str, str]] = []
@@ -278,15 +327,14 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
         for (path, _), img in zip(batch, sr):
             out = targets[path]
             try:
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                Image.fromarray(img).save(out, format="PNG")
+                writing.save_image(img, out)
                 written.append(out)
-            except OSError as e:
-                skipped.append((path, f"cannot write {out}: {e.strerror or e}"))
-    folders.report(written, skipped, f"wrote {len(written)} of {len(plan)} image(s) "
-           f"({model.output_size}x{model.output_size} PNG)", log)
-    dest = os.path.dirname(plan[0][1]) if len(plan) == 1 else os.path.abspath(output)
-    log(f"output: {written[0] if len(plan) == 1 else dest}")
+            except UserError as e:
+                skipped.append((path, str(e)))
+    formats = sorted({writing.output_format(p) for p in written}) or ["PNG"]
+    writing.report(written, skipped, f"wrote {len(written)} of {len(plan)} image(s) "
+                   f"({model.output_size}x{model.output_size} {'/'.join(formats)})", log)
+    log(f"output: {written[0] if len(plan) == 1 else folder}")
     return {"written": written, "skipped": skipped, "output_size": model.output_size}
 
 
@@ -294,14 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     fv = cli.parse(argv, define, __doc__)
     photo_options = {}
     if fv.mode == "photo":
-        photo_options = {"upscale": fv.upscale, "min_face": fv.min_face,
-                         "max_faces": fv.max_faces, "only_center_face": fv.only_center_face,
-                         "max_face": fv.max_face,
-                         "detector_weights": fv.detector_weights}
+        photo_options = {name: fv[name].value for name in PHOTO_FLAGS}
+    else:  # a photo flag given in another mode is a mistake, not something to ignore
+        photo_options = {name: fv[name].value for name in PHOTO_FLAGS if fv[name].present}
     run(fv.checkpoint, fv.input, fv.output, mode=fv.mode, batch_size=fv.batch_size,
         crop=fv.crop, workers=fv.workers, progress=fv.progress, source=fv.source,
         split=fv.split, limit=fv.limit, data_root=fv.data_root, exported=fv.exported,
-        **photo_options)
+        overwrite=fv.overwrite, exported_format=fv.exported_format, **photo_options)
     return 0
 
 

@@ -240,7 +240,7 @@ def test_one_line_errors(models, tmp_path):
     cases = [
         (dict(checkpoint=str(tmp_path / "nope"), output=str(tmp_path / "o")),
          "checkpoint not found"),
-        (dict(checkpoint=step3, output=str(a_file / "sub")), "cannot create --output"),
+        (dict(checkpoint=step3, output=str(a_file / "sub")), "cannot write to --output"),
         (dict(checkpoint=step3, output=str(a_file)), "is a file"),
         (dict(checkpoint=step3, output=str(tmp_path / "o"), formats=["onnx", "tflite"]),
          "unknown --format"),
@@ -254,6 +254,7 @@ def test_one_line_errors(models, tmp_path):
         with pytest.raises(UserError, match=pattern) as e:
             export.export(log=lambda _: None, **kwargs)
         assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()  # a failed export leaves no output folder
     proc = subprocess.run([sys.executable, "-m", "progsr_jax.export", f"--checkpoint={step3}",
                            f"--output={tmp_path / 'o'}", "--format=tflite"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)

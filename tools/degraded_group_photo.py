@@ -46,8 +46,8 @@ from absl import flags
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from progsr_jax import cli, data
+from progsr_jax.data import writing
 from progsr_jax.data.crops import read_pts
-from progsr_jax.data.reading import make_writable_dir
 from progsr_jax.errors import UserError
 from progsr_jax.infer import load_model
 from progsr_jax.photo import align, detection, paste
@@ -179,11 +179,7 @@ def save_jpeg(arr: np.ndarray, path: str, quality: int) -> Image.Image:
     """Saves the photo as a JPEG and returns it as decoded from that file."""
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    try:
-        with open(path, "wb") as f:
-            f.write(buf.getvalue())
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    writing.write_bytes(path, buf.getvalue())
     return open_photo(path)
 
 
@@ -256,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shared = shared_dir(fv.shared)
 
     for folder in {os.path.dirname(output), os.path.dirname(jpeg)}:
-        make_writable_dir(folder, folder)
+        writing.check_output(folder, folder)
     detector = detection.Detector(min_face=fv.min_face)  # weights missing: one line, before work
     models = load_models(checkpoints)
 
@@ -285,10 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"blur {fv.blur:g} px, noise {fv.noise:g}), {len(faces)} faces found; "
               f"--mode=photo --upscale={upscale:g} --max_face=0 --min_face={fv.min_face:g}")
     picture = render(columns, zoom_boxes(faces, bicubic.size, upscale), header)
-    try:
-        picture.save(output, format="PNG", optimize=True)
-    except OSError as e:
-        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+    with writing.atomic_write(output) as f:
+        picture.save(f, format="PNG", optimize=True)
     print(f"wrote {output} ({picture.width}x{picture.height}, {os.path.getsize(output)} bytes)")
     return 0
 

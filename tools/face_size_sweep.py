@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -90,7 +89,7 @@ from PIL import Image
 
 from progsr_jax import cli, data
 from progsr_jax import progress as progress_lib
-from progsr_jax.data import crops, reading
+from progsr_jax.data import crops, reading, writing
 from progsr_jax.errors import UserError
 from progsr_jax.evaluation import sr
 from progsr_jax.evaluation.sweep_plot import render_plot
@@ -425,22 +424,19 @@ def _flag_values(fv) -> dict:
 
 def write_outputs(out_dir: str, summary: dict, results: dict, image: Image.Image) -> None:
     """``sweep.json``, ``sweep.csv`` and ``sweep.png`` in ``out_dir``; UserError when unwritable."""
-    try:
-        with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-        keys = ("psnr", "ssim", "lpips", "psnr_gain", "psnr_gain_se", "lpips_gain")
-        with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(("degradation", "method", "size", "n") + keys)
-            for g, methods in results.items():
-                for name, by_size in methods.items():
-                    for d, r in by_size.items():
-                        w.writerow([g, name, d, r["n"]] + [
-                            "" if r.get(k) is None else f"{r[k]:.6f}" for k in keys])
-        image.save(os.path.join(out_dir, "sweep.png"), format="PNG", optimize=True)
-    except OSError as e:
-        raise UserError(f"cannot write results to {out_dir}: {e.strerror or e}") from None
+    keys = ("psnr", "ssim", "lpips", "psnr_gain", "psnr_gain_se", "lpips_gain")
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(("degradation", "method", "size", "n") + keys)
+    for g, methods in results.items():
+        for name, by_size in methods.items():
+            for d, r in by_size.items():
+                w.writerow([g, name, d, r["n"]] + [
+                    "" if r.get(k) is None else f"{r[k]:.6f}" for k in keys])
+    writing.write_json(os.path.join(out_dir, "sweep.json"), summary)
+    writing.write_text(os.path.join(out_dir, "sweep.csv"), table.getvalue())
+    with writing.atomic_write(os.path.join(out_dir, "sweep.png")) as f:
+        image.save(f, format="PNG", optimize=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -450,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     degradations = parse_degradations(fv.degradation)
     checkpoints = cli.named_checkpoints(fv.checkpoint, reserved=("bicubic",))
 
-    out_dir = reading.check_output(fv.output)
+    out_dir = writing.check_output(fv.output)
     models = load_models(checkpoints, fv.batch_size)  # a bad checkpoint fails before the work
     names, positions, hr, skipped, root = read_faces(fv)
     scorer = sr.BatchScorer(bool(fv.lpips), pfsr=False)

@@ -16,8 +16,9 @@ The path of an image through the pipeline:
 
 :mod:`~progsr_jax.data.teacher` reads the teacher heatmaps used to distil the
 landmark network; :mod:`~progsr_jax.data.reading` decodes a list of files in
-threads for the commands (evaluate, infer) and checks their output folders.  The
-names below are the public API of the package.
+threads for the commands (evaluate, infer) and :mod:`~progsr_jax.data.writing`
+is where every command writes (never over an input, checked before anything
+is created, atomically).  The names below are the public API of the package.
 """
 
 from progsr_jax.data.batches import (

@@ -1,10 +1,9 @@
-"""Reading a list of files in threads, and the folders the commands write into.
+"""Reading a list of files in threads.
 
 ``evaluate``, ``evaluate_landmarks`` and ``infer`` (every mode) read a list
 of image files, decode them in threads (:func:`iter_loaded`, batched by
-:func:`loaded_batches`), skip the unreadable ones with a reason, and write
-into a folder checked up front (:func:`check_output`,
-:func:`make_writable_dir`).
+:func:`loaded_batches`) and skip the unreadable ones with a reason; where
+they write is :mod:`progsr_jax.data.writing`.
 """
 
 from __future__ import annotations
@@ -12,12 +11,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
-import os
 from typing import Any, Callable, Iterator, Sequence
 
 from progsr_jax import progress as progress_lib
 from progsr_jax.data.images import BadImage
-from progsr_jax.errors import UserError
 
 
 def iter_loaded(files: Sequence[str], load: Callable[[str], Any], workers: int = 2,
@@ -71,26 +68,3 @@ def loaded_batches(files: Sequence[str], load: Callable[[str], Any], batch_size:
                 batch = []
         if batch:
             yield batch
-
-
-def make_writable_dir(path: str, name: str) -> None:
-    """Creates ``path`` and writes a probe file; UserError ``cannot write to {name}``."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to {name}: {e.strerror or e}") from None
-
-
-def check_output(path: str | None) -> str:
-    """The absolute ``--output`` folder, created and writable; UserError otherwise."""
-    if not path:
-        raise UserError("--output=DIR is required")
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--output exists and is not a folder: {path}")
-    make_writable_dir(path, f"--output={path}")
-    return path

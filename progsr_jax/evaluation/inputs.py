@@ -62,6 +62,9 @@ def paired_files(lr_dir: str | None, hr_dir: str | None,
     lr, lr_clash = _by_stem(lr_root)
     hr, hr_clash = _by_stem(hr_root)
     pairs = {hr[s]: lr[s] for s in sorted(hr) if s in lr}
+    if pairs and offset >= len(pairs):
+        raise UserError(f"--offset={offset} is past the end: --lr_dir and --hr_dir have "
+                        f"{len(pairs)} pair(s) (offsets 0 .. {len(pairs) - 1})")
     if offset or limit is not None:
         end = None if limit is None else offset + limit
         pairs = dict(list(pairs.items())[offset:end])

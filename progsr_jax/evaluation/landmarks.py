@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
+import io
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
 from progsr_jax import data
-from progsr_jax.data import crops, reading
+from progsr_jax.data import crops, reading, writing
 from progsr_jax.data.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
 from progsr_jax.errors import UserError
 from progsr_jax.evaluation import metrics
@@ -93,10 +93,16 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
         raise UserError(f"--size must be 64 or 128, got {size}")
     if crop_scale <= 0:
         raise UserError(f"--crop_scale must be > 0, got {crop_scale}")
-    out_dir = reading.check_output(output) if output else None
     root = os.path.abspath(os.path.expanduser(data_root))
     if not os.path.isdir(root):
         raise UserError(f"--data_root is not a folder: {root}")
+    out_dir = None
+    if output:
+        writing.check_not_input(output, [writing.Input("--data_root", root),
+                                         writing.Input("--fan", fan_dir)]
+                                + ([writing.Input("--reference_fan", reference_fan)]
+                                   if reference_fan else []))
+        out_dir = writing.check_output(output)
     files = data.list_files("folder", root, "all")
     if limit:
         files = files[:limit]
@@ -158,13 +164,12 @@ def evaluate_landmarks(fan_dir: str, data_root: str, reference_fan: str | None =
 
 
 def _write(out_dir: str, result: dict, rows: list[dict]) -> None:
-    """``landmarks_metrics.json`` and ``landmarks_per_image.csv`` in ``out_dir``."""
-    with open(os.path.join(out_dir, "landmarks_metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(out_dir, "landmarks_per_image.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(("file", "nme_gt", "nme_ref"))
-        for r in rows:
-            w.writerow((r["file"], "" if r["nme_gt"] is None else f"{r['nme_gt']:.6f}",
-                        "" if r["nme_ref"] is None else f"{r['nme_ref']:.6f}"))
+    """``landmarks_metrics.json`` and ``landmarks_per_image.csv`` in ``out_dir`` (atomically)."""
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(("file", "nme_gt", "nme_ref"))
+    for r in rows:
+        w.writerow((r["file"], "" if r["nme_gt"] is None else f"{r['nme_gt']:.6f}",
+                    "" if r["nme_ref"] is None else f"{r['nme_ref']:.6f}"))
+    writing.write_json(os.path.join(out_dir, "landmarks_metrics.json"), result)
+    writing.write_text(os.path.join(out_dir, "landmarks_per_image.csv"), table.getvalue())

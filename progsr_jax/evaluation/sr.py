@@ -14,7 +14,7 @@ import collections
 import csv
 import dataclasses
 import functools
-import json
+import io
 import math
 import os
 import time
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from progsr_jax import data, inference
-from progsr_jax.data import crops, degradation, reading
+from progsr_jax.data import crops, degradation, reading, writing
 from progsr_jax.data.crops import DEFAULT_CROP_SCALE, DEFAULT_CROP_SHIFT
 from progsr_jax.errors import UserError
 from progsr_jax.evaluation import inputs, metrics
@@ -220,6 +220,7 @@ def _list_clean(cfg: EvalConfig, log: Callable[[str], Any]
     if cfg.source == "tfds":
         ds = data.build_dataset(dict(source="tfds", root=cfg.data_root or None, split=cfg.split,
                                      max_images=_end(cfg)), progress=cfg.progress, log=log)
+        _check_offset(cfg, len(ds.files), f"CelebA's {cfg.split} split")
         return list(ds.files)[cfg.offset:], "celeba", crops.DatasetLoader(ds)
     if not cfg.data_root:
         raise UserError("--data_root=DIR is required")
@@ -237,11 +238,16 @@ def _list_clean(cfg: EvalConfig, log: Callable[[str], Any]
         crop = {"celeba": "celeba", "folder": "square", "faces68": "landmarks"}[cfg.source]
     if crop not in CROPS[1:]:
         raise UserError(f"unknown --crop={crop}; expected one of {', '.join(CROPS)}")
+    _check_offset(cfg, len(files), root)
     files = files[cfg.offset:_end(cfg)]
-    if not files:
-        raise UserError(f"no images to evaluate under {root}"
-                        + (f" after --offset={cfg.offset}" if cfg.offset else ""))
     return files, crop, crops.Loader(crop, cfg.crop_scale, cfg.crop_shift)
+
+
+def _check_offset(cfg: EvalConfig, n: int, where: str) -> None:
+    """``--offset`` inside the ``n`` files of ``where``."""
+    if cfg.offset >= n:
+        raise UserError(f"--offset={cfg.offset} is past the end: {where} has {n} image(s) "
+                        f"(offsets 0 .. {n - 1})")
 
 
 def _end(cfg: EvalConfig) -> int | None:
@@ -268,7 +274,15 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
     if cfg.clip is None:
         cfg = dataclasses.replace(cfg, clip=cfg.protocol != "pfsr")
     _check_config(cfg)
-    out_dir = reading.check_output(cfg.output)
+    if not cfg.output:
+        raise UserError("--output=DIR is required")
+    protected = [writing.Input(flag, path) for flag, path in (
+        ("--data_root", cfg.data_root), ("--lr_dir", cfg.lr_dir), ("--hr_dir", cfg.hr_dir))
+        if path and (flag == "--data_root") != (cfg.source == "paired")]
+    if cfg.method == "model" and cfg.checkpoint:
+        protected += writing.checkpoint_inputs(cfg.checkpoint)
+    writing.check_not_input(cfg.output, protected)
+    out_dir = writing.check_output(cfg.output)
     files, crop, loader = list_eval_files(cfg, log)
     root = os.path.abspath(os.path.expanduser(
         (cfg.hr_dir if cfg.source == "paired" else cfg.data_root) or "."))
@@ -361,20 +375,17 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], Any] = print) -> dict:
 
 
 def _write_outputs(out_dir, result, names, per_image, root):
-    try:
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        with open(os.path.join(out_dir, "per_image.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(("file",) + METRIC_KEYS)
-            for i, name in enumerate(names):
-                row = [crops.rel_path(name, root)]
-                for k in METRIC_KEYS:
-                    row.append(f"{float(per_image[k][i]):.6f}" if k in per_image else "")
-                w.writerow(row)
-    except OSError as e:
-        raise UserError(f"cannot write results to {out_dir}: {e.strerror or e}") from None
+    """metrics.json and per_image.csv, each written atomically (the folder made now)."""
+    rows = io.StringIO()
+    w = csv.writer(rows)
+    w.writerow(("file",) + METRIC_KEYS)
+    for i, name in enumerate(names):
+        row = [crops.rel_path(name, root)]
+        for k in METRIC_KEYS:
+            row.append(f"{float(per_image[k][i]):.6f}" if k in per_image else "")
+        w.writerow(row)
+    writing.write_json(os.path.join(out_dir, "metrics.json"), result)
+    writing.write_text(os.path.join(out_dir, "per_image.csv"), rows.getvalue())
 
 
 def _write_comparison(out_dir, names, psnrs, loader, method, size, method_name, root):
@@ -386,10 +397,7 @@ def _write_comparison(out_dir, names, psnrs, loader, method, size, method_name, 
               for label, i in picks]
     image = grid.sr_grid(lr, method.images(lr), np.stack([a[size] for a in arrays]),
                          labels=labels, sr_label=f"SR ({method_name})")
-    try:
-        Image.fromarray(image).save(os.path.join(out_dir, "comparison.png"))
-    except OSError as e:
-        raise UserError(f"cannot write {out_dir}/comparison.png: {e.strerror or e}") from None
+    writing.save_image(image, os.path.join(out_dir, "comparison.png"))
 
 
 def summary(result: dict) -> str:

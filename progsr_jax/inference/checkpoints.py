@@ -21,6 +21,7 @@ complete, so a run killed during a save still has its previous checkpoint.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -54,6 +55,9 @@ def save_converted(directory: str, generator: dict, discriminator: dict | None, 
 
 def resolve(path: str) -> tuple[str, int]:
     """(checkpoints directory, step) for a workdir, a checkpoints directory or one step's directory."""
+    if path and os.path.isfile(path):
+        raise UserError(f"checkpoint path {path!r} is a file; expected a training workdir, a "
+                        "checkpoint directory or a converted checkpoint (a folder)")
     if not path or not os.path.isdir(path):
         raise UserError(f"checkpoint path {path!r} does not exist or is not a directory")
     path = os.path.abspath(path)
@@ -81,12 +85,45 @@ def load_generator(path: str) -> tuple[dict, dict]:
             generator=ocp.args.StandardRestore())).generator
     except FileNotFoundError as e:
         raise UserError(f"incomplete checkpoint at {directory}/{step}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt Orbax/TensorStore files
+        quiet_closed_loop_reports()
+        raise UserError(f"cannot read the checkpoint at {directory}/{step} (truncated or "
+                        f"corrupt?): {_first_line(e)}") from None
     finally:
         mgr.close()
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{directory}/{step} is not a progsr_jax checkpoint (format {meta!r})")
+        raise UserError(f"{directory}/{step} is not a progsr_jax checkpoint (format "
+                        f"{meta.get('format') if isinstance(meta, dict) else meta!r})")
+    bad = [k for k in ("stage", "alpha") if not isinstance(meta.get(k), (int, float))]
+    if bad or meta["stage"] not in (1, 2, 3):
+        raise UserError(f"{directory}/{step}: its meta has no valid {(bad or ['stage'])[0]!r}")
+    if not isinstance(gen, dict) or set(gen) != {"params", "batch_stats"}:
+        raise UserError(f"{directory}/{step}: the generator item holds no params and "
+                        "batch_stats")
     gen = jax.tree_util.tree_map(np.asarray, gen)
     return gen, meta
+
+
+def _drop_closed_loop_reports(args) -> None:
+    if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+        return
+    _previous_unraisablehook(args)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def quiet_closed_loop_reports() -> None:
+    """After a failed restore: Orbax stops at the first read that fails while TensorStore's
+    other reads are still running; as they finish they call into Orbax's closed asyncio
+    loop, and Python would print each ``RuntimeError: Event loop is closed`` as a
+    traceback after the one-line error.  Those reports are dropped (others are not)."""
+    sys.unraisablehook = _drop_closed_loop_reports
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def load_discriminator(path: str) -> dict | None:

@@ -146,6 +146,11 @@ def abstract_variables(module: StudentFAN) -> dict:
 # The FAN folder format
 
 
+def check_folder(directory: str | os.PathLike) -> None:
+    """UserError when ``directory`` is not a converted FAN folder (no weights are read)."""
+    _read_meta(os.fspath(directory))
+
+
 def _read_meta(directory: str) -> dict:
     meta_path = os.path.join(directory, META_FILE)
     if os.path.isfile(directory):

@@ -1,8 +1,9 @@
 """Photo files: planning the outputs, opening photos upright, the photo loop, ``faces.json``.
 
-The file side of ``python -m progsr_jax.infer`` (every mode plans its outputs
-with :func:`plan_outputs` and reports with :func:`report`) and of
-``--mode=photo`` (:func:`plan_photo_outputs`, :func:`open_photo` with the
+The file side of ``python -m progsr_jax.infer --mode=photo`` (every mode plans
+its outputs with :func:`progsr_jax.data.writing.plan_outputs` and reports
+with :func:`~progsr_jax.data.writing.report`): :func:`plan_photo_outputs`,
+:func:`open_photo` with the
 EXIF orientation, :func:`restore_files`, the loop that runs
 :func:`progsr_jax.photo.restore_photo` on every photo and writes the
 restored photo, the per-face PNGs and :func:`faces_json_text`).  File layout
@@ -13,64 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
 
 from PIL import Image
 
 from progsr_jax import data
+from progsr_jax.data import writing
 from progsr_jax.data.reading import loaded_batches
 from progsr_jax.errors import UserError
 from progsr_jax.photo import restoration as pipeline
-
-
-def _resolve(input_path: str, output: str, output_kind: str) -> tuple[str, str]:
-    """Absolute ``(input, output)`` paths; UserError when either is missing."""
-    if not input_path:
-        raise UserError("--input=FILE_OR_DIR is required")
-    if not output:
-        raise UserError(f"--output={output_kind} is required")
-    return (os.path.abspath(os.path.expanduser(input_path)),
-            os.path.abspath(os.path.expanduser(output)))
-
-
-def plan_outputs(input_path: str, output: str) -> list[tuple[str, str]]:
-    """``[(input file, output file)]`` for a file or folder input; UserError if none."""
-    src, dst = _resolve(input_path, output, "FILE_OR_DIR")
-    if os.path.isfile(src):
-        if os.path.isdir(dst) or output.endswith(("/", os.sep)):
-            dst = os.path.join(dst, os.path.splitext(os.path.basename(src))[0] + ".png")
-        return [(src, dst)]
-    if not os.path.isdir(src):
-        raise UserError(f"--input does not exist: {src}")
-    if os.path.isfile(dst):
-        raise UserError(f"--input is a folder, so --output must be a folder, but {dst} is a file")
-    files = data.list_files("folder", src, "all")
-    plan, used = [], set()
-    for f in files:
-        rel = os.path.relpath(f, src)
-        target = os.path.splitext(rel)[0] + ".png"
-        if target.lower() in used:
-            target = rel + ".png"
-            k = 1
-            while target.lower() in used:
-                target = f"{rel}.{k}.png"
-                k += 1
-        used.add(target.lower())
-        plan.append((f, os.path.join(dst, target)))
-    return plan
-
-
-def report(written: list[str], skipped: list[tuple[str, str]], summary: str, log) -> None:
-    """Logs the skipped files and the summary line; a UserError when nothing was written."""
-    for path, reason in skipped:
-        log(f"skipped {path}: {reason}")
-    if skipped:
-        summary += f"; skipped {len(skipped)}: " + ", ".join(
-            os.path.basename(p) for p, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-    if not written:
-        raise UserError(f"nothing could be processed: {summary}"
-                        + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    log(summary)
-
 
 #: EXIF orientation -> the PIL transpose that shows the photo upright (ImageOps.exif_transpose's).
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -91,16 +43,27 @@ def open_photo(path: str) -> Image.Image:
     return img.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else img
 
 
-def plan_photo_outputs(input_path: str, output: str) -> tuple[str, list[tuple[str, str, str]]]:
-    """``(output folder, [(input file, faces.json key, restored PNG path)])``."""
-    src, dst = _resolve(input_path, output, "DIR")
-    if os.path.exists(dst) and not os.path.isdir(dst):
+def plan_photo_outputs(input_path: str | None, output: str | None, *, overwrite: bool = False,
+                       inputs: Sequence[writing.Input] = ()
+                       ) -> tuple[str, list[tuple[str, str, str]]]:
+    """``(output folder, [(input file, faces.json key, restored PNG path)])``, checked
+    against the inputs (:func:`progsr_jax.data.writing.plan_outputs`)."""
+    if not input_path:
+        raise UserError("--input=FILE_OR_DIR is required")
+    if not output:
+        raise UserError("--output=DIR is required")
+    src = os.path.abspath(os.path.expanduser(input_path))
+    dst = os.path.abspath(os.path.expanduser(output))
+    if os.path.lexists(dst) and not os.path.isdir(dst):
         raise UserError(f"--mode=photo writes a folder, but --output={dst} is a file")
     if os.path.isfile(src):
-        stem = os.path.splitext(os.path.basename(src))[0]
-        return dst, [(src, os.path.basename(src), os.path.join(dst, stem + ".png"))]
-    return dst, [(f, os.path.relpath(f, src).replace(os.sep, "/"), target)
-                 for f, target in plan_outputs(input_path, output)]
+        writing.check_not_input(dst, inputs, overwrite=overwrite, overwrite_flag="--overwrite")
+        target = os.path.join(dst, os.path.splitext(os.path.basename(src))[0] + ".png")
+        writing.check_not_input(target, [writing.Input("--input", src, tree=False)], is_file=True,
+                                overwrite=overwrite, overwrite_flag="--overwrite")
+        return dst, [(src, os.path.basename(src), target)]
+    plan = writing.plan_outputs(input_path, dst + os.sep, overwrite=overwrite, inputs=inputs)
+    return dst, [(f, os.path.relpath(f, src).replace(os.sep, "/"), target) for f, target in plan]
 
 
 def _face_files(target: str, k: int) -> dict[str, str]:
@@ -132,6 +95,8 @@ def restore_files(sr, detector, out_root: str, plan: list[tuple[str, str, str]],
     dict, 'no_face': [paths], 'upscale': {key: factor}, 'output': folder, 'faces_json': path}``.
     """
     keys = {path: (key, target) for path, key, target in plan}
+    sources = {writing.real(path) for path, _, _ in plan}
+    left_as_is: list[str] = []
     written: list[str] = []
     skipped: list[tuple[str, str]] = []
     records: dict[str, list[dict]] = {}
@@ -149,22 +114,31 @@ def restore_files(sr, detector, out_root: str, plan: list[tuple[str, str, str]],
         except UserError as e:
             skipped.append((path, str(e)))
             continue
-        entries = []
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            r.image.save(target, format="PNG")
-            for k, face in enumerate(r.faces):
-                files = _face_files(target, k)
-                if not face.restored:
-                    del files["sr"]
-                    kept += 1
-                for kind, f in files.items():
-                    Image.fromarray(getattr(face, kind)).save(f, format="PNG")
-                entries.append(face.to_json(**{kind: os.path.relpath(f, out_root).replace(os.sep, "/")
-                                               for kind, f in files.items()}))
-        except OSError as e:
-            skipped.append((path, f"cannot write {target}: {e.strerror or e}"))
+        files = [_face_files(target, k) for k in range(len(r.faces))]
+        for face, names in zip(r.faces, files):
+            if not face.restored:
+                del names["sr"]
+        clash = [f for names in files for f in names.values()
+                 if writing.real_target(f) in sources]
+        if clash:  # in place (--overwrite): a face file may not replace another input
+            skipped.append((path, f"its face file {clash[0]} would replace an input"))
             continue
+        unchanged = r.upscale == 1 and not any(face.restored for face in r.faces)
+        try:
+            if unchanged and writing.real_target(target) == writing.real(path):
+                left_as_is.append(path)  # in place: the photo is not rewritten
+            else:
+                writing.save_image(r.image, target, "PNG")
+            for face, names in zip(r.faces, files):
+                for kind, f in names.items():
+                    writing.save_image(getattr(face, kind), f, "PNG")
+        except UserError as e:
+            skipped.append((path, str(e)))
+            continue
+        entries = [face.to_json(**{kind: os.path.relpath(f, out_root).replace(os.sep, "/")
+                                   for kind, f in names.items()})
+                   for face, names in zip(r.faces, files)]
+        kept += sum(not face.restored for face in r.faces)
         written.append(target)
         records[key] = entries
         scales[key] = r.upscale
@@ -173,23 +147,19 @@ def restore_files(sr, detector, out_root: str, plan: list[tuple[str, str, str]],
             no_face.append(path)
     faces_json = os.path.join(out_root, "faces.json")
     if written:
-        try:
-            tmp = faces_json + f".tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(faces_json_text(records))
-            os.replace(tmp, faces_json)
-        except OSError as e:
-            raise UserError(f"cannot write {faces_json}: {e.strerror or e}") from None
+        writing.write_text(faces_json, faces_json_text(records))
     for path in no_face:
         u = scales[keys[path][0]]
-        log(f"no face found in {path}; written " + ("unchanged" if u == 1 else
-                                                     f"upscaled {u:g}x (bicubic)"))
+        log(f"no face found in {path}; " + (
+            "left as it is (not rewritten)" if path in left_as_is else
+            "written at its own size" if u == 1 else f"written upscaled {u:g}x (bicubic)"))
     if kept:
         log(f"{kept} face(s) left as they are: their aligned crop spans more than --max_face="
             f"{max_face:g} photo pixels (faces.json: \"restored\": false; --max_face=0 "
             "restores every face)")
-    report(written, skipped, f"wrote {len(written)} of {len(plan)} photo(s) with {n_faces} "
-           "face(s) restored" + (f" ({len(no_face)} without a face)" if no_face else ""), log)
+    writing.report(written, skipped, f"wrote {len(written)} of {len(plan)} photo(s) with "
+                   f"{n_faces} face(s) restored"
+                   + (f" ({len(no_face)} without a face)" if no_face else ""), log)
     log(f"output: {out_root} (faces.json lists the faces)")
     return {"written": written, "skipped": skipped, "faces": records, "no_face": no_face,
             "upscale": scales, "output": out_root, "faces_json": faces_json}

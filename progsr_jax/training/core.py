@@ -2,7 +2,6 @@
 
 * :func:`data_parallel`: the device mesh and the two shardings of data
   parallelism (replicated state, batch split over the ``data`` axis).
-* :func:`prepare_workdir`: create and check the run folder.
 * :class:`StopSignal`: SIGTERM/SIGINT ask the loop to checkpoint and exit;
   with several processes a signal on any one of them stops all at the same
   step.
@@ -17,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -54,12 +52,6 @@ def describe_devices() -> str:
     devices = jax.devices()
     return (f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}); "
             f"process {jax.process_index()} of {jax.process_count()}")
-
-
-def prepare_workdir(workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK):
-        raise UserError(f"workdir {workdir} is not writable")
 
 
 class StopSignal:

@@ -22,7 +22,11 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from progsr_jax.errors import UserError
-from progsr_jax.inference.checkpoints import load_discriminator, load_generator
+from progsr_jax.inference.checkpoints import (
+    load_discriminator,
+    load_generator,
+    quiet_closed_loop_reports,
+)
 
 # Config fields that must not change when a run is resumed.
 ARCH_FIELDS = ("model.width", "model.d_width")
@@ -86,9 +90,11 @@ def restore_latest(mgr: ocp.CheckpointManager, template_state):
     try:
         restored = mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(template))))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"the checkpoint at {mgr.directory}/{step} does not fit this model "
-                        f"(other architecture or width?): {str(e).splitlines()[0][:200]}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        quiet_closed_loop_reports()
+        raise UserError(f"cannot restore the checkpoint at {mgr.directory}/{step} (corrupt, or "
+                        f"another architecture or width?): {str(e).splitlines()[0][:200]}"
+                        ) from None
     if restored.state is None:
         raise UserError(f"{mgr.directory}/{step} holds no training state (a converted checkpoint?); "
                         "use --config.init_from=<it> in a fresh workdir instead")

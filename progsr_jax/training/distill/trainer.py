@@ -45,12 +45,14 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from progsr_jax import data as data_lib
+from progsr_jax.data import writing
 from progsr_jax.errors import UserError
 from progsr_jax.inference import checkpoints
 from progsr_jax.nets import fan as fan_lib
@@ -73,12 +75,13 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None):
     as if the run had been interrupted there; for tests.
     """
     distill_config.validate(config, len(jax.devices()))
-    core.prepare_workdir(workdir)
-    reporter = reporting.Reporter(workdir)
-    try:
-        return _distill(config, workdir, reporter, stop_after)
-    finally:
-        reporter.close()
+    # A new workdir is removed again if the run stops before its training loop.
+    with writing.run_folder(workdir) as folder:
+        reporter = reporting.Reporter(workdir)
+        try:
+            return _distill(config, workdir, reporter, stop_after, started=folder.keep)
+        finally:
+            reporter.close()
 
 
 def _describe(config, num_params: int, num_train: int) -> str:
@@ -115,7 +118,8 @@ def _check_ema(manager, ema: bool) -> None:
                         "Use another --workdir or the same ema_decay")
 
 
-def _distill(config, workdir: str, reporter, stop_after: int | None):
+def _distill(config, workdir: str, reporter, stop_after: int | None,
+             started: Callable[[], None] = lambda: None):
     start_time = time.time()
     reporter.info(core.describe_devices())
     train_split, val_split = distill_data.load_splits(config, info=reporter.info)
@@ -191,6 +195,7 @@ def _distill(config, workdir: str, reporter, stop_after: int | None):
     step0 = int(state.step)
     loader = distill_data.batch_loader(train_split, config.batch_size, config.seed,
                                        rows=data_lib.local_rows(shard.batch, config.batch_size))
+    started()
     with core.StopSignal() as stop, \
             reporter.progress(config.steps, step0, config.log_every) as bar, \
             data_lib.Prefetcher(loader, step0, end, sharding=shard.batch, buffer=1) as batches:
@@ -235,6 +240,8 @@ def evaluate_only(config, workdir: str | None, fan_dir: str | None) -> dict:
     fan_dir = fan_dir or workdir
     if not fan_dir:
         raise UserError("--eval_only needs --workdir (its distilled student) or --fan=DIR")
+    if workdir:
+        writing.check_output(workdir, "--workdir")
     if not config.val.teacher_heatmaps and not config.teacher_heatmaps:
         raise UserError("--eval_only needs --config.val.teacher_heatmaps=DIR (or "
                         "--config.teacher_heatmaps=DIR with val.fraction > 0)")
@@ -254,10 +261,7 @@ def evaluate_only(config, workdir: str | None, fan_dir: str | None) -> dict:
               "teacher_heatmaps": os.path.abspath(config.val.teacher_heatmaps or
                                                   config.teacher_heatmaps), **metrics}
     if workdir:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "eval_nme.json"), "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        writing.write_json(os.path.join(workdir, "eval_nme.json"), result)
         k = min(config.val.num_samples, len(pts64))
         if k:
             save_overlay(os.path.join(workdir, "samples", "landmarks_eval.png"),

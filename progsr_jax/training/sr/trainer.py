@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from progsr_jax import data as data_lib
-from progsr_jax.data import celeba_tfds
+from progsr_jax.data import celeba_tfds, writing
 from progsr_jax.data import degradation as degradation_lib
 from progsr_jax.inference import SuperResolver, checkpoints
 from progsr_jax.nets import fan as fan_lib
@@ -263,16 +263,23 @@ def stage_at(config, step: int) -> tuple[int, int]:
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Trains stages ``start_stage..final_stage`` in ``workdir``; resumes if it holds a checkpoint."""
     sr_config.validate(config, len(jax.devices()))
-    core.prepare_workdir(workdir)
-    resume.check_or_write_config(workdir, config)
-    reporter = reporting.Reporter(workdir)
-    try:  # the log files and TensorBoard writer are closed however the run ends
-        return _train(config, workdir, reporter)
-    finally:
-        reporter.close()
+    if config.fan.checkpoint:  # the folders the config names, before any work
+        fan_lib.check_folder(config.fan.checkpoint)
+    if config.init_from:
+        checkpoints.resolve(config.init_from)
+    # A new workdir is removed again if the run stops before its training loop (a bad
+    # data root, FAN or init_from checkpoint): a failed run leaves nothing behind.
+    with writing.run_folder(workdir) as folder:
+        resume.check_or_write_config(workdir, config)
+        reporter = reporting.Reporter(workdir)
+        try:  # the log files and TensorBoard writer are closed however the run ends
+            return _train(config, workdir, reporter, started=folder.keep)
+        finally:
+            reporter.close()
 
 
-def _train(config, workdir: str, reporter) -> TrainState:
+def _train(config, workdir: str, reporter, started: Callable[[], None] = lambda: None
+           ) -> TrainState:
     reporter.info(core.describe_devices())
     shard = core.data_parallel()
 
@@ -335,6 +342,7 @@ def _train(config, workdir: str, reporter) -> TrainState:
         bar.set_postfix(stage=stage, val_psnr=f"{values['val_psnr']:.2f}",
                         bicubic=f"{values['val_psnr_bicubic']:.2f}")
 
+    started()
     with core.StopSignal() as stop, \
             reporter.progress(total, int(state.step), config.log_every) as bar:
         for stage, begin, end in schedule:
