@@ -109,7 +109,10 @@ from progsr_jax.evaluation import crops
 from progsr_jax.photo.files import (  # noqa: F401 - the file handling, re-exported
     faces_json_text, open_photo, plan_outputs, plan_photo_outputs, report, restore_files)
 
-MODES = ("downsample", "lowres", "photo")
+MODES = ("downsample", "lowres", "photo", "video")
+#: --mode=video's defaults where they differ from the photo mode's.
+VIDEO_MIN_FACE = 10.0
+VIDEO_UPSCALE = 1.0
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -121,7 +124,8 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("output", None, "output PNG file (file input) or folder", flag_values=fv)
     flags.DEFINE_enum("mode", "downsample", MODES, "downsample: training preprocessing to "
                       "16x16 first; lowres: the input is the low-resolution face; photo: "
-                      "every face of a photo, aligned, restored and pasted back",
+                      "every face of a photo, aligned, restored and pasted back; video: the "
+                      "faces of a video file, tracked and steadied (docs/video.md)",
                       flag_values=fv)
     flags.DEFINE_enum("crop", "square", ("square", "celeba", "none"),
                       "downsample mode: how the image is cropped before the 128 resize",
@@ -143,6 +147,29 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("detector_weights", None, "photo mode: folder with MTCNN's pnet.pt, "
                         "rnet.pt, onet.pt (default: the installed facenet-pytorch wheel)",
                         flag_values=fv)
+    flags.DEFINE_boolean("smooth", True, "video mode: smoothed alignment, combination of "
+                         "each face over neighbouring frames, hysteresis and crossfades; "
+                         "--nosmooth: every frame as --mode=photo would do it", flag_values=fv)
+    flags.DEFINE_integer("detect_every", 1, "video mode: run the face detector on every k-th "
+                         "frame (tracks carry the faces in between)", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("max_gap", 4, "video mode: missed detections a track bridges before it "
+                         "ends", lower_bound=0, flag_values=fv)
+    flags.DEFINE_float("scene_cut", 28.0, "video mode: scene-cut threshold (mean grey-level "
+                       "change of a frame thumbnail; 0: never cut)", lower_bound=0.0,
+                       flag_values=fv)
+    flags.DEFINE_string("codec", None, "video mode: the video encoder (default libx264 for "
+                        ".mp4/.m4v/.mov/.mkv, libvpx-vp9 for .webm)", flag_values=fv)
+    flags.DEFINE_integer("crf", None, "video mode: constant-quality level (default 18 for "
+                         "libx264, 22 libx265, 32 libvpx-vp9; lower is better)", flag_values=fv)
+    flags.DEFINE_string("codec_preset", None, "video mode: x264/x265 speed preset (default fast)",
+                        flag_values=fv)
+    flags.DEFINE_boolean("lossless", False, "video mode: lossless output (libx264rgb at QP 0: "
+                         "the frames bit for bit; VP9 lossless for .webm)", flag_values=fv)
+    flags.DEFINE_string("tracks_json", None, "video mode: where tracks.json goes (default "
+                        "<output stem>.tracks.json)", flag_values=fv)
+    flags.DEFINE_boolean("track_clips", False, "video mode: also write each track's restored "
+                         "128x128 faces as a clip in <output stem>_tracks/", flag_values=fv)
     flags.DEFINE_enum("source", "files", ("files", "tfds"), "files: --input; tfds: CelebA's "
                       "--split through TensorFlow Datasets", flag_values=fv)
     flags.DEFINE_string("split", "test", "--source=tfds: train, val or test", flag_values=fv)
@@ -217,6 +244,46 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
                          workers=workers, progress=progress, log=log)
 
 
+def run_video(checkpoint: str | None, input_path: str, output: str, *, upscale=None,
+              min_face: float | None = None, max_face: float | None = None, smooth: bool = True,
+              detect_every: int = 1, max_gap: int = 4, scene_cut: float | None = None,
+              codec: str | None = None, crf: int | None = None, codec_preset: str | None = None,
+              lossless: bool = False, tracks_json: str | None = None, track_clips: bool = False,
+              detector_weights: str | None = None, batch_size: int = 16, progress: bool = True,
+              log=print, **tuning) -> dict:
+    """``--mode=video``: one video file in, one out (:func:`progsr_jax.video.outputs.restore_video`,
+    which tells what it returns).  ``upscale`` defaults to 1 and ``min_face`` to 10 (tiny faces);
+    ``tuning``: further :class:`progsr_jax.video.restoration.VideoOptions` fields."""
+    from progsr_jax.photo import detection, pipeline
+    from progsr_jax.video import outputs, restoration, tracking
+
+    if upscale is None:
+        upscale = VIDEO_UPSCALE
+    elif isinstance(upscale, str) and upscale.strip().lower() == "auto":
+        raise UserError("--upscale=auto chooses a size per photo; a video keeps one size: give "
+                        f"a number (default {VIDEO_UPSCALE:g} in video mode)")
+    upscale = pipeline.parse_upscale(upscale)
+    try:
+        options = restoration.VideoOptions(
+            smooth=bool(smooth), upscale=float(upscale),
+            max_face=pipeline.DEFAULT_MAX_FACE if max_face is None else float(max_face),
+            detect_every=int(detect_every), max_gap=int(max_gap),
+            scene_cut=tracking.SCENE_CUT if scene_cut is None else float(scene_cut),
+            batch_size=int(batch_size), **tuning)
+    except TypeError as e:
+        raise UserError(f"unknown video option: {e}") from None
+    planned = outputs.plan(input_path, output, options, tracks_json=tracks_json,
+                           track_clips=track_clips, codec=codec, crf=crf, preset=codec_preset,
+                           lossless=lossless)
+    detector = detection.Detector(detector_weights,
+                                  min_face=VIDEO_MIN_FACE if min_face is None else min_face)
+    model = load_model(checkpoint)
+    if model.output_size != 128:
+        raise UserError(f"--mode=video needs a stage-3 model (128x128 outputs); {checkpoint} "
+                        f"makes {model.output_size}x{model.output_size}")
+    return outputs.restore_video(model, detector, planned, options, progress=progress, log=log)
+
+
 def plan_tfds(split: str, output: str, limit: int | None, data_dir: str | None, log=print):
     """``([(name, output file)], loader)`` for CelebA's ``split`` through TFDS."""
     if not output:
@@ -249,17 +316,20 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     if checkpoint and exported:
         raise UserError("give --checkpoint or --exported, not both")
-    if exported and mode == "photo":
-        raise UserError("--exported runs --mode=downsample or --mode=lowres, not --mode=photo")
+    if exported and mode in ("photo", "video"):
+        raise UserError(f"--exported runs --mode=downsample or --mode=lowres, not --mode={mode}")
     if not checkpoint and not exported:
         raise UserError("--checkpoint=PATH is required (a training workdir, a checkpoint "
                         "directory or a converted official checkpoint), or --exported=DIR")
     if mode == "photo":
         return run_photo(checkpoint, input_path, output, batch_size=batch_size, workers=workers,
                          progress=progress, log=log, **photo_options)
+    if mode == "video":
+        return run_video(checkpoint, input_path, output, batch_size=batch_size,
+                         progress=progress, log=log, **photo_options)
     if photo_options:
         raise UserError(f"{', '.join('--' + k for k in sorted(photo_options))} only apply to "
-                        "--mode=photo")
+                        "--mode=photo or --mode=video")
     if source == "tfds":
         if mode != "downsample" or input_path:
             raise UserError("--source=tfds reads CelebA itself: no --input, and only "
@@ -299,6 +369,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         photo_options = {"upscale": fv.upscale, "min_face": fv.min_face,
                          "max_faces": fv.max_faces, "only_center_face": fv.only_center_face,
                          "max_face": fv.max_face,
+                         "detector_weights": fv.detector_weights}
+    elif fv.mode == "video":
+        for name in ("max_faces", "only_center_face"):
+            if fv[name].present:
+                raise UserError(f"--{name} applies to --mode=photo only")
+        photo_options = {"upscale": fv.upscale if fv["upscale"].present else None,
+                         "min_face": fv.min_face if fv["min_face"].present else None,
+                         "max_face": fv.max_face, "smooth": fv.smooth,
+                         "detect_every": fv.detect_every, "max_gap": fv.max_gap,
+                         "scene_cut": fv.scene_cut, "codec": fv.codec, "crf": fv.crf,
+                         "codec_preset": fv.codec_preset, "lossless": fv.lossless,
+                         "tracks_json": fv.tracks_json, "track_clips": fv.track_clips,
                          "detector_weights": fv.detector_weights}
     run(fv.checkpoint, fv.input, fv.output, mode=fv.mode, batch_size=fv.batch_size,
         crop=fv.crop, workers=fv.workers, progress=fv.progress, source=fv.source,
