@@ -18,7 +18,7 @@ temporary files: nothing ever appears half-written under an output name.
        "frames": 96, "detections": 91, "restored_frames": 96, "end": "end of the video",
        "clip": "out_tracks/track0000.mp4",
        "per_frame": [
-        {"frame": 0, "time": 0.0, "detected": true, "box": [x0, y0, x1, y1],
+        {"frame": 0, "time": 0.0, "detected": true, "followed": false, "box": [x0, y0, x1, y1],
          "landmarks": [[x, y] x 5], "score": 0.99, "transform": [[a, b, c], [d, e, f]],
          "crop_box": [x0, y0, x1, y1], "span": 17.9, "restored": true, "weight": 1.0}, ...]},
       ...],
@@ -26,8 +26,9 @@ temporary files: nothing ever appears half-written under an output name.
                  "seconds": 41.2, "frames_per_second": 2.33}}
 
 Per frame of a track: ``detected`` (a detection in this frame; ``box``,
-``landmarks`` and ``score`` are the detector's then, null otherwise: a
-bridged miss or a frame between detections), ``transform`` (video pixels ->
+``landmarks`` and ``score`` are the detector's then, null otherwise),
+``followed`` (not detected, but followed into this frame from the previous
+one; neither: a bridged miss), ``transform`` (video pixels ->
 178x218 aligned-CelebA frame, the one used: smoothed unless ``--nosmooth``),
 ``crop_box`` (the bounding box of the aligned crop's square in video pixels),
 ``span`` (video pixels across that square), ``restored`` and ``weight`` (the
@@ -75,6 +76,7 @@ def job_entry(job: Job, time_s: float) -> dict:
     """One frame of a track in ``tracks.json``."""
     obs = job.observation
     entry = {"frame": job.frame, "time": round(time_s, 6), "detected": obs is not None,
+             "followed": job.followed,
              "box": _round(obs.box, 2) if obs is not None else None,
              "landmarks": [_round(p, 2) for p in obs.face.landmarks] if obs is not None else None,
              "score": round(float(obs.face.score), 5) if obs is not None else None,

@@ -13,9 +13,12 @@ the previous one, so a clip of any length is processed with a bounded buffer:
    (:class:`~progsr_jax.video.tracking.SceneCuts`), MTCNN on every
    ``detect_every``-th frame and on the first frame of each shot, faces
    linked into tracks (:class:`~progsr_jax.video.tracking.Tracker`).
-2. **Align** (``align_lag`` frames later, once the detections the smoother
+   Every track not detected in a frame is followed into it from the
+   previous frame (:func:`~progsr_jax.video.tracking.follow`).
+2. **Align** (``align_lag`` frames later, once the measurements the smoother
    needs have arrived): per track covering the frame, its smoothed transform
-   (:func:`~progsr_jax.video.smoothing.smooth_transform`), the span of its
+   (:func:`~progsr_jax.video.smoothing.fuse` of the detections and the
+   frame-to-frame motions), the span of its
    aligned crop, whether and how strongly it is restored
    (:class:`~progsr_jax.video.smoothing.Schedule`), and for a restored face
    the 16x16 input (warp onto the aligned frame, the training chain).
@@ -34,8 +37,8 @@ With ``smooth=False`` (``--nosmooth``) every frame is what ``--mode=photo``
 makes of it: the faces detected in that frame (with ``detect_every`` > 1:
 in the last frame detected), aligned by their own landmarks, restored when
 their crop spans at most ``max_face`` pixels, pasted in the detector's
-order, nothing taken from other frames.  Tracks are still formed, for
-``tracks.json``.
+order, nothing taken from other frames, no following.  Tracks are still
+formed, for ``tracks.json``.
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ from progsr_jax import batching
 from progsr_jax.errors import UserError
 from progsr_jax.photo import align, paste
 from progsr_jax.photo.detection import Face
-from progsr_jax.video import smoothing
+from progsr_jax.video import smoothing, tracking
 from progsr_jax.video.streams import Frame
-from progsr_jax.video.tracking import SCENE_CUT, Observation, SceneCuts, Track, Tracker
+from progsr_jax.video.tracking import MAX_FOLLOW, SCENE_CUT, Observation, SceneCuts, Track, Tracker
 
 #: Track end reasons after which the face is still in view: no fade-out there.
 END_OF_SHOT = ("scene cut", "end of the video")
@@ -68,9 +71,13 @@ class VideoOptions:
     ``max_face`` (``--max_face``): faces whose aligned crop spans more
     pixels are left as they are (0: every face is restored).
     ``detect_every`` (``--detect_every``): run the detector on every k-th frame.
-    ``max_gap`` (``--max_gap``): missed detections a track bridges.
+    ``max_gap`` (``--max_gap``): detections a track bridges neither detected nor followed.
+    ``follow``: follow faces between detections (smooth only);
+    ``max_follow``: frames a track may be followed without a detection.
     ``min_track``: detections a track needs before it is restored (smooth only).
-    ``smooth_window``: half-width, in frames, of the transform smoother.
+    ``smooth_window``: half-width, in frames, of the transform smoother;
+    ``motion_weight``, ``continuity``: its weights of a frame-to-frame
+    motion and of the constant-velocity prior, against 1 for a detection.
     ``combine_window``: half-width, in frames, of the combination of results.
     ``motion_threshold``: gray levels of blurred difference that stop a
     neighbour from counting (the motion gate).
@@ -85,10 +92,14 @@ class VideoOptions:
     max_face: float = 22.0
     detect_every: int = 1
     max_gap: int = 4
+    follow: bool = True
+    max_follow: int = MAX_FOLLOW
     min_track: int = 2
-    smooth_window: int = 6
+    smooth_window: int = 8
+    motion_weight: float = 100.0
+    continuity: float = 100.0
     combine_window: int = 2
-    motion_threshold: float = 12.0
+    motion_threshold: float = 20.0
     hysteresis: float = 0.1
     crossfade: int = 6
     scene_cut: float = SCENE_CUT
@@ -102,11 +113,13 @@ class VideoOptions:
             raise UserError(f"--max_face must be >= 0 (0: restore every face), got {self.max_face}")
         for name, low in (("detect_every", 1), ("max_gap", 0), ("min_track", 1),
                           ("smooth_window", 0), ("combine_window", 0), ("crossfade", 1),
-                          ("batch_size", 1)):
+                          ("batch_size", 1), ("max_follow", 0)):
             if int(getattr(self, name)) < low:
                 raise UserError(f"--{name} must be >= {low}, got {getattr(self, name)}")
-        if self.motion_threshold < 0 or self.hysteresis < 0 or self.scene_cut < 0:
-            raise UserError("motion_threshold, hysteresis and scene_cut must be >= 0")
+        if min(self.motion_threshold, self.hysteresis, self.scene_cut, self.motion_weight,
+               self.continuity) < 0:
+            raise UserError("motion_threshold, hysteresis, scene_cut, motion_weight and "
+                            "continuity must be >= 0")
 
     @property
     def align_lag(self) -> int:
@@ -114,7 +127,13 @@ class VideoOptions:
         whether a missed face comes back."""
         if not self.smooth:
             return 0
-        return max(self.smooth_window, (self.max_gap + 1) * self.detect_every)
+        return max(self.smooth_window, (self.max_gap + 1) * self.detect_every + self.crossfade)
+
+    @property
+    def memory(self) -> int:
+        """Frames back that the smoother may reach for a detection."""
+        return self.smooth_window + max((self.max_gap + 1) * self.detect_every,
+                                        self.max_follow if self.follow else 0) + 1
 
     @property
     def radius(self) -> int:
@@ -125,8 +144,9 @@ class VideoOptions:
 class Job:
     """One track in one frame: how it is aligned and restored.
 
-    ``observation``: the detection in this frame (None: bridged or not a
-    detection frame); ``transform``: the (2, 3) photo -> aligned transform
+    ``observation``: the detection in this frame (None: followed, bridged or
+    not a detection frame); ``followed``: the face was followed into this
+    frame; ``transform``: the (2, 3) photo -> aligned transform
     used; ``span``: photo pixels across its aligned crop; ``weight``: the
     crossfade weight it is pasted with (0: not restored), ``reason`` why it
     is below 1; ``lr``: the 16x16 input; ``sr``: the model's 128x128 output;
@@ -140,6 +160,7 @@ class Job:
     observation: Observation | None
     weight: float
     reason: str | None = None
+    followed: bool = False
     lr: np.ndarray | None = None
     sr: np.ndarray | None = None
     result: np.ndarray | None = None
@@ -188,12 +209,16 @@ class VideoRestorer:
                             f"outputs); this one makes {size}x{size}")
         self.sr, self.detector, self.options = sr, detector, options
         self.frame_size = tuple(frame_size)
-        self.tracker = Tracker(options.max_gap, self.frame_size)
+        self.tracker = Tracker(options.max_gap, self.frame_size, options.max_follow)
         self.cuts = SceneCuts(options.scene_cut)
         self.tracks: dict[int, Track] = {}
         self.schedules: dict[int, smoothing.Schedule] = {}
         self.shot_start: dict[int, int] = {}
         self.transforms: dict[tuple[int, int], np.ndarray] = {}  # (track, frame) -> observed
+        self.motions: dict[tuple[int, int], np.ndarray] = {}  # (track, frame) -> params change
+        self.front: dict[int, tuple[int, np.ndarray]] = {}  # track -> (frame, latest transform)
+        self.looks: dict[int, tuple[np.ndarray, int]] = {}  # track -> (sum of crops, count)
+        self._prev_grey: np.ndarray | None = None
         self.frames: dict[int, Frame] = {}
         self.jobs: dict[int, list[Job]] = {}
         self.pending: list[Job] = []
@@ -203,7 +228,7 @@ class VideoRestorer:
         self.detected_frames = 0
         self.faces_found = 0
         self.model_calls = 0
-        self.front = -1
+        self.frame_front = -1
         self.align_next = 0
         self.out_next = 0
         self._shot = 0
@@ -214,19 +239,60 @@ class VideoRestorer:
     def push(self, frame: Frame) -> list[OutputFrame]:
         """Takes the next frame; returns the frames that are now finished (possibly none)."""
         i = frame.index
-        if i != self.front + 1:
-            raise ValueError(f"frames must come in order: got {i} after {self.front}")
+        if i != self.frame_front + 1:
+            raise ValueError(f"frames must come in order: got {i} after {self.frame_front}")
         self.frames[i] = frame
         cut = self.cuts(frame.image) and i > 0
         if cut:
             self.tracker.end_all("scene cut")
             self._shot = i
-        if cut or i % self.options.detect_every == 0 or i == 0:
-            self._detect(i, frame.image)
-        self.front = i
+        opts = self.options
+        grey = tracking.grey(frame.image) if opts.smooth and opts.follow else None
+        moved = self._follow(i, grey) if grey is not None and not cut else {}
+        detected = set()
+        if cut or i % opts.detect_every == 0 or i == 0:
+            detected = self._detect(i, frame.image, grey)
+        for tid, m in moved.items():
+            if tid not in detected:
+                self.front[tid] = (i, m)
+        self._prev_grey = grey
+        self.front = {tid: v for tid, v in self.front.items() if v[0] == i}
+        self.frame_front = i
         return self._advance(final=False)
 
-    def _detect(self, i: int, image: np.ndarray) -> None:
+    def _follow(self, i: int, grey: np.ndarray) -> dict[int, np.ndarray]:
+        """Follows every active track from frame i - 1 into frame i; returns the new transforms
+        (and records the motions and the tracks' boxes)."""
+        moved, boxes = {}, {}
+        if self._prev_grey is None:
+            return moved
+        for track in self.tracker.active:
+            last = self.front.get(track.id)
+            if last is None or last[0] != i - 1:
+                continue
+            look = self.looks.get(track.id)
+            guess = last[1]
+            step = self.motions.get((track.id, i - 1))
+            if step is not None:  # moving on at the last step's pace
+                guess = smoothing.from_params(smoothing.to_params(last[1]) + step)
+            m = tracking.follow(self._prev_grey, grey, last[1],
+                                None if look is None else look[0] / look[1], guess)
+            if m is None:
+                continue
+            d = smoothing.to_params(m) - smoothing.to_params(last[1])
+            d[3] = smoothing.wrap(d[3])
+            self.motions[(track.id, i)] = d
+            moved[track.id] = m
+            # the face box carried along: previous frame -> aligned frame -> this frame
+            x0, y0, x1, y1 = track.box
+            corners = align.apply(align.compose(align.invert(m), last[1]),
+                                  [[x0, y0], [x1, y0], [x0, y1], [x1, y1]])
+            boxes[track.id] = np.concatenate([corners.min(0), corners.max(0)])
+        self.tracker.follow(i, boxes)
+        return moved
+
+    def _detect(self, i: int, image: np.ndarray, grey: np.ndarray | None) -> set[int]:
+        """Runs the detector on frame i and links its faces; returns the tracks detected."""
         faces: list[Face] = list(self.detector(image))
         self.detected_frames += 1
         self.faces_found += len(faces)
@@ -238,6 +304,11 @@ class VideoRestorer:
             if m is None:
                 continue
             self.transforms[(track.id, i)] = m
+            self.front[track.id] = (i, m)
+            if grey is not None:
+                crop = tracking.face_crop(grey, m)
+                total, n = self.looks.get(track.id, (0.0, 0))
+                self.looks[track.id] = (total + crop, n + 1)
             if track.id not in self.tracks:
                 self.tracks[track.id] = track
                 self.schedules[track.id] = smoothing.Schedule(
@@ -247,6 +318,7 @@ class VideoRestorer:
         order = {id(f): k for k, f in enumerate(faces)}
         kept.sort(key=lambda p: order[id(p[1].face)])  # the detector's order, as photo mode
         self.detections[i] = kept
+        return {track.id for track, _ in kept}
 
     def finish(self) -> list[OutputFrame]:
         """Ends the stream: the remaining frames, finished."""
@@ -266,7 +338,8 @@ class VideoRestorer:
 
     def _advance(self, final: bool) -> list[OutputFrame]:
         opts = self.options
-        while self.align_next <= self.front and (final or self.front >= self.align_next + opts.align_lag):
+        while self.align_next <= self.frame_front and \
+                (final or self.frame_front >= self.align_next + opts.align_lag):
             self._align(self.align_next)
             self.align_next += 1
         self._super_resolve(full_only=not final)
@@ -280,21 +353,33 @@ class VideoRestorer:
             self.out_next += 1
         return out
 
-    def _observed(self, track: Track) -> tuple[list[int], list[np.ndarray]]:
-        frames = sorted(f for f in track.observations if (track.id, f) in self.transforms)
-        return frames, [self.transforms[(track.id, f)] for f in frames]
-
-    def _smoothed(self, track: Track, a: int) -> np.ndarray:
-        frames, transforms = self._observed(track)
-        window = float(self.options.smooth_window)
-        before = [f for f in frames if f <= a]
-        after = [f for f in frames if f >= a]
-        reach = max(a - before[-1] if before else 0, after[0] - a if after else 0)
-        window = max(window, float(reach))
-        near = [(f, m) for f, m in zip(frames, transforms) if abs(f - a) <= window]
-        if window == 0 or len(near) == 1:
-            return near[0][1]
-        return smoothing.smooth_transform([f for f, _ in near], [m for _, m in near], a, window)
+    def _smoothed(self, track: Track, a: int) -> tuple[np.ndarray, bool]:
+        """(the fused transform of ``track`` at frame ``a``, whether the face was followed into
+        ``a``) -- see :func:`progsr_jax.video.smoothing.fuse`."""
+        opts, tid = self.options, track.id
+        detections = sorted(f for f in track.observations if (tid, f) in self.transforms)
+        lo = max(track.first, a - opts.smooth_window)
+        hi = min(track.last, a + opts.smooth_window)
+        if not any(lo <= f <= hi for f in detections):
+            before = [f for f in detections if f <= a]
+            after = [f for f in detections if f >= a]
+            lo = min(lo, before[-1]) if before else lo
+            hi = max(hi, after[0]) if after else hi
+        params = {f: smoothing.to_params(self.transforms[(tid, f)]) for f in detections
+                  if lo <= f <= hi}
+        size = float(np.exp(np.median([p[2] for p in params.values()]))) * align.CROP_SIZE
+        unit = np.array([size, size, 1.0, 1.0])
+        ref = next(iter(params.values()))[3]
+        observed = {}
+        for f, p in params.items():
+            p = p.copy()
+            p[3] = ref + smoothing.wrap(p[3] - ref)
+            observed[f] = p / unit
+        motions = {f: self.motions[(tid, f)] / unit for f in range(lo + 1, hi + 1)
+                   if (tid, f) in self.motions}
+        x = smoothing.fuse(lo, hi, a, observed, motions, opts.motion_weight, opts.continuity)
+        followed = a not in track.observations and (tid, a) in self.motions
+        return smoothing.from_params(x * unit), followed
 
     def _align(self, a: int) -> None:
         opts = self.options
@@ -305,7 +390,7 @@ class VideoRestorer:
                 track = self.tracks[tid]
                 if not track.covers(a) or not any((tid, f) in self.transforms for f in track.observations):
                     continue
-                m = self._smoothed(track, a)
+                m, followed = self._smoothed(track, a)
                 obs = track.observations.get(a)
                 span = align.CROP_SIZE / align.similarity_params(m)["scale"]
                 sched = self.schedules[tid]
@@ -329,7 +414,7 @@ class VideoRestorer:
                     reason = ("fading in" if fading_in and a - track.first + 1 < opts.crossfade
                               else "fading out" if fading_out and track.last - a + 1 < opts.crossfade
                               else "crossfade after a max_face switch")
-                jobs.append(Job(track, a, m, span, obs, weight, reason))
+                jobs.append(Job(track, a, m, span, obs, weight, reason, followed))
         else:
             held = self.detections.get(a)
             if held is None:
@@ -397,20 +482,24 @@ class VideoRestorer:
         at or before ``o``."""
         opts = self.options
         self.jobs.pop(o - opts.radius, None)
-        keep_from = o + 1 - opts.smooth_window - (opts.max_gap + 1) * opts.detect_every - 1
+        keep_from = o + 1 - opts.memory
         completed = []
         for tid in list(self.tracks):
             track = self.tracks[tid]
             if track.ended and track.last <= o:
                 completed.append(track)
                 del self.tracks[tid], self.schedules[tid], self.shot_start[tid]
+                self.looks.pop(tid, None)
                 for f in list(track.observations):
                     self.transforms.pop((tid, f), None)
+                for f in range(track.first, track.last + 1):
+                    self.motions.pop((tid, f), None)
                 continue
             before = set(track.observations)
             track.forget(keep_from)
             for f in before - set(track.observations):
                 self.transforms.pop((tid, f), None)
+            self.motions.pop((tid, keep_from - 1), None)
         return completed
 
     def collect_completed(self) -> list[Track]:

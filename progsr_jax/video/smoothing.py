@@ -1,23 +1,26 @@
 """Steadiness over time: smoothed alignment, motion-gated combination, switching without pops.
 
-Smoothed alignment (:func:`smooth_transform`)
-----------------------------------------------
+Smoothed alignment (:func:`fuse`)
+----------------------------------
 A face's alignment is a similarity transform (:mod:`progsr_jax.photo.align`),
 estimated in every detection from five landmarks that the detector places
-with an error of a good fraction of the eye distance on a face a few pixels
-wide, independently in each frame.  Its inverse (aligned frame -> video frame)
-is written as four numbers that move smoothly when the face does
-(:func:`to_params`): where the aligned frame's centre lands (x, y), the log of
-the scale and the angle.  Each is fitted over the track's observations within
-``window`` frames on either side by a straight line in time, weighted by a
-Gaussian of standard deviation ``window / 2`` (local linear regression, a
-two-sided smoother over a bounded window: the output of frame t needs the
-detections up to t + window, so the stream is held back by that many frames).
-A straight line follows a steady pan or zoom without lag; at the ends of a
-track it extrapolates.  One round of robust reweighting (Tukey's biweight on
-the residuals, scale from their median) keeps a single wrong detection from
-pulling the fit.  Frames without a detection (bridged misses, detection every
-k-th frame) get the fit at their time like any other.
+with an error of about a third of the eye distance on a face a few pixels
+wide (measured on the steadiness clips), independently in each frame.  Its
+inverse (aligned frame -> video frame) is written as four numbers that move
+smoothly when the face does (:func:`to_params`): where the aligned frame's
+centre lands (x, y, in units of the face's size), the log of the scale and
+the angle.  Two kinds of measurement constrain them: the detections (the
+value, noisy) and the following of the face from frame to frame
+(:func:`progsr_jax.video.tracking.follow`: the change, precise to a few
+hundredths of the eye distance but drifting when chained).  :func:`fuse`
+finds the path that fits both in the least-squares sense over the frames
+within ``window`` of the frame wanted -- a two-sided smoother over a bounded
+window: the output of frame t needs the measurements up to t + window, so
+the stream is held back by that many frames.  Where the face could not be
+followed the path keeps its velocity (a second-difference penalty), so with
+detections alone it is a discrete smoothing spline; a steady pan or zoom is
+followed without lag.  One round of robust reweighting keeps a wild
+detection or a slipped registration from pulling the path.
 
 Combination of restored faces (:func:`combine`)
 -------------------------------------------------
@@ -54,6 +57,9 @@ from progsr_jax.photo import align
 
 #: Standard deviation (pixels of the 128x128 result) of the blur before the motion gate.
 GATE_BLUR = 2.0
+#: Smallest residual scales of the robust reweighting (detections, motions), in the smoother's
+#: units (positions in face sizes, log scale, radians): below them nothing counts as an outlier.
+ROBUST_FLOOR = (0.02, 0.005)
 
 
 # ---------------------------------------------------------------------------
@@ -82,64 +88,77 @@ def from_params(params) -> np.ndarray:
     return align.invert(np.concatenate([rot, t[:, None]], axis=1))
 
 
-def _unwrap(angles: np.ndarray) -> np.ndarray:
-    return np.unwrap(angles)
+def wrap(angle):
+    """Angles to (-pi, pi]."""
+    return np.angle(np.exp(1j * np.asarray(angle, np.float64)))
 
 
-def local_linear(times, values, t: float, window: float, robust: bool = True) -> np.ndarray:
-    """The value at ``t`` of a Gaussian-weighted straight-line fit over ``|time - t| <= window``.
+def fuse(first: int, last: int, at: int, observed: dict, motions: dict,
+         motion_weight: float = 100.0, continuity: float = 100.0, robust: bool = True) -> np.ndarray:
+    """The least-squares path ``x_first .. x_last`` (D numbers per frame) at frame ``at``.
 
-    ``values``: (N, D).  One observation: its value.  ``robust``: one round
-    of Tukey biweights on the residuals (per observation, the largest over
-    the columns in units of each column's median absolute residual).
+    Terms (each a row of a weighted linear least-squares problem):
+
+    * ``observed[f]`` (D,): ``x_f = observed[f]``, weight 1 (the detections);
+    * ``motions[f]`` (D,): ``x_f - x_{f-1} = motions[f]``, weight
+      ``motion_weight`` (the following: precise from frame to frame);
+    * where frame ``f`` has no motion: ``x_f - 2 x_{f-1} + x_{f-2} = 0``,
+      weight ``continuity`` (the path keeps its velocity across the gap).
+
+    ``robust``: one round of Tukey biweights on the residuals of the
+    detection and the motion rows (each kind scaled by its median absolute
+    residual), so that a wild detection or a slipped registration does not
+    pull the path.  At least one frame must be observed.
     """
-    times = np.asarray(times, np.float64)
-    values = np.asarray(values, np.float64).reshape(len(times), -1)
-    keep = np.abs(times - t) <= window
-    times, values = times[keep], values[keep]
-    if len(times) == 0:
-        raise ValueError(f"no observation within {window} of {t}")
-    if len(times) == 1 or np.ptp(times) == 0:
-        return values.mean(axis=0)
-    sigma = max(window / 2.0, 0.5)
-    w = np.exp(-0.5 * ((times - t) / sigma) ** 2)
-    design = np.stack([np.ones_like(times), times - t], axis=1)
+    n = last - first + 1
+    obs = {f: np.asarray(v, np.float64) for f, v in observed.items() if first <= f <= last}
+    if not obs:
+        raise ValueError(f"no observation within frames {first}..{last}")
+    dim = len(next(iter(obs.values())))
+    rows, rhs, weight, kind = [], [], [], []
 
-    def fit(weights):
-        a = design.T @ (weights[:, None] * design)
-        b = design.T @ (weights[:, None] * values)
-        if abs(np.linalg.det(a)) < 1e-12:
-            return None
-        return np.linalg.solve(a, b)
+    def row(cols, coefs, b, w, k):
+        r = np.zeros(n)
+        r[np.asarray(cols) - first] = coefs
+        rows.append(r)
+        rhs.append(b)
+        weight.append(w)
+        kind.append(k)
 
-    coef = fit(w)
-    if coef is None:
-        return (w[:, None] * values).sum(0) / w.sum()
-    if robust and len(times) >= 4:
-        resid = np.abs(values - design @ coef)
-        scale = np.median(resid, axis=0)
-        scale = np.where(scale > 1e-9, scale, np.maximum(resid.max(axis=0), 1e-9))
-        u = (resid / (6.0 * scale)).max(axis=1)
-        robust_w = np.clip(1 - u ** 2, 0, 1) ** 2
-        if robust_w.sum() > 0 and np.count_nonzero(robust_w) >= 2:
-            refit = fit(w * robust_w)
-            if refit is not None:
-                coef = refit
-    return coef[0]
+    for f, v in obs.items():
+        row([f], [1.0], v, 1.0, 0)
+    zero = np.zeros(dim)
+    for f in range(first + 1, last + 1):
+        m = motions.get(f)
+        if m is not None:
+            row([f, f - 1], [1.0, -1.0], np.asarray(m, np.float64), motion_weight, 1)
+        elif f - 2 >= first:
+            row([f, f - 1, f - 2], [1.0, -2.0, 1.0], zero, continuity, 2)
+        elif n == 2:
+            row([f, f - 1], [1.0, -1.0], zero, 1e-6, 2)  # two frames, one observed
+    a, b = np.array(rows), np.array(rhs)
+    w = np.array(weight)
+    kind = np.array(kind)
 
+    def solve(wts):
+        sw = np.sqrt(wts)[:, None]
+        reg = 1e-9 * np.eye(n)  # frames no row reaches stay finite
+        return np.linalg.solve((a * sw).T @ (a * sw) + reg, (a * sw).T @ (b * sw))
 
-def smooth_transform(times, transforms, t: float, window: float) -> np.ndarray:
-    """The (2, 3) transform at frame ``t`` from a track's observed transforms (module docstring)."""
-    params = np.array([to_params(m) for m in transforms])
-    order = np.argsort(times)
-    times = np.asarray(times, np.float64)[order]
-    params = params[order]
-    params[:, 3] = _unwrap(params[:, 3])
-    # positions and scale in comparable units: the position in units of the face's size
-    size = np.exp(np.median(params[:, 2]))
-    scaled = params / np.array([size, size, 1.0, 1.0])
-    fit = local_linear(times, scaled, t, window) * np.array([size, size, 1.0, 1.0])
-    return from_params(fit)
+    x = solve(w)
+    if robust:
+        resid = np.abs(a @ x - b).max(axis=1)
+        factor = np.ones(len(w))
+        for k, floor in ((0, ROBUST_FLOOR[0]), (1, ROBUST_FLOOR[1])):
+            sel = kind == k
+            if sel.sum() >= 4:
+                scale = max(float(np.median(resid[sel])), floor)
+                u = resid[sel] / (6.0 * scale)
+                f = np.clip(1 - u ** 2, 0, 1) ** 2
+                if np.count_nonzero(f) >= 0.5 * sel.sum():  # outliers are the exception
+                    factor[sel] = f
+        x = solve(w * factor)
+    return x[at - first]
 
 
 # ---------------------------------------------------------------------------
