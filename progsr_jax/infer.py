@@ -255,7 +255,12 @@ def run_video(checkpoint: str | None, input_path: str, output: str, *, upscale=N
     which tells what it returns).  ``upscale`` defaults to 1 and ``min_face`` to 10 (tiny faces);
     ``tuning``: further :class:`progsr_jax.video.restoration.VideoOptions` fields."""
     from progsr_jax.photo import detection, pipeline
-    from progsr_jax.video import outputs, restoration, tracking
+
+    try:  # PyAV is the optional extra `video`
+        from progsr_jax.video import outputs, restoration, tracking
+    except ImportError as e:
+        raise UserError(f"--mode=video needs PyAV ({e}): pip install 'progsr_jax[video]' "
+                        "(or pip install av)") from None
 
     if upscale is None:
         upscale = VIDEO_UPSCALE

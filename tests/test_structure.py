@@ -23,6 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "progsr_jax"
 #: Modules (and packages, with their submodules) that must not import progsr_jax.training.
 BELOW_TRAINING = ("progsr_jax.inference", "progsr_jax.checkpoints", "progsr_jax.batching",
                   "progsr_jax.grid", "progsr_jax.evaluation", "progsr_jax.photo",
+                  "progsr_jax.video",
                   "progsr_jax.data", "progsr_jax.models", "progsr_jax.fan",
                   "progsr_jax.landmarks", "progsr_jax.losses", "progsr_jax.layers")
 

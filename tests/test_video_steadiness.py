@@ -9,7 +9,10 @@ import pytest
 
 from progsr_jax.errors import UserError
 from progsr_jax.photo import align, mtcnn
-from progsr_jax.video import streams
+
+# PyAV is the optional extra `video` (pip install -e '.[video]'); CI installs it.
+pytest.importorskip("av", reason="PyAV not installed (pip install -e '.[video]')")
+from progsr_jax.video import streams  # noqa: E402 - needs av
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,11 @@ def define(fv: flags.FlagValues) -> None:
                        lower_bound=4.0, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of the faces' choice and of every frame's degradation",
                          flag_values=fv)
+    flags.DEFINE_string("size", None, "frame size WxH (default: 256x144 for pan, 240x180 for "
+                        "orbit)", flag_values=fv)
+    flags.DEFINE_integer("faces", 2, "faces in the clip (more than 2: extra faces on slow "
+                         "paths, for speed and memory measurements)", lower_bound=1,
+                         flag_values=fv)
     flags.DEFINE_float("min_face", 10.0, "the detector's --min_face (frame pixels; infer's "
                        "video default)", lower_bound=1.0, flag_values=fv)
     flags.DEFINE_float("max_face", 22.0, "infer's --max_face for both video runs (22: its "
@@ -176,8 +181,30 @@ def face_alpha() -> np.ndarray:
 
 
 def paths(generator: str, n: int, size: tuple[int, int], span_min: float, span_max: float,
-          rng) -> np.ndarray:
-    """(n, faces, 4): centre of the aligned frame (x, y), span of the aligned crop, roll."""
+          rng, faces: int = 2) -> np.ndarray:
+    """(n, faces, 4): centre of the aligned frame (x, y), span of the aligned crop, roll.
+
+    The first two faces follow the generator's own paths; more faces (for
+    speed and memory measurements) glide on slow ellipses spread over the
+    frame, each zooming within the span range on its own period.
+    """
+    two = _two_paths(generator, n, size, span_min, span_max, rng)
+    if faces <= 2:
+        return two[:, :faces]
+    w, h = size
+    t = np.arange(n) / 25.0
+    extra = []
+    for k in range(faces - 2):
+        ph = rng.uniform(0, 2 * np.pi, 3)
+        cx, cy = w * (0.1 + 0.8 * (k + 0.5) / (faces - 2)), h * (0.22 if k % 2 else 0.8)
+        extra.append(np.stack([cx + 0.04 * w * np.cos(0.5 * t + ph[0]),
+                               cy + 0.05 * h * np.sin(0.4 * t + ph[0]),
+                               (span_min + span_max) / 2 + (span_max - span_min) / 2 *
+                               np.sin(0.3 * t + ph[1]), 3.0 * np.sin(0.6 * t + ph[2])], -1))
+    return np.concatenate([two, np.stack(extra, 1)], 1)
+
+
+def _two_paths(generator, n, size, span_min, span_max, rng) -> np.ndarray:
     w, h = size
     t = np.arange(n) / max(n - 1, 1)
     mid, amp = (span_min + span_max) / 2, (span_max - span_min) / 2
@@ -321,17 +348,19 @@ def lossless_writer(path: str, size: tuple[int, int], fps: int):
 
 
 def make_clip(generator: str, workdir: str, shared: str, frames: int, upscale: int,
-              span_min: float, span_max: float, seed: int, log=print) -> dict:
-    """Writes input.mp4, truth.mp4 and truth.json into ``workdir``; returns the truth dict."""
+              span_min: float, span_max: float, seed: int, size: tuple[int, int] | None = None,
+              count: int = 2, log=print) -> dict:
+    """Writes input.mp4, truth.mp4 and truth.json into ``workdir``; returns the truth dict.
+    ``size``: the frames' (default: the generator's); ``count``: faces."""
     from progsr_jax.photo import align
 
     rng = np.random.default_rng(seed)
-    size = (256, 144) if generator == "pan" else (240, 180)
+    size = size or ((256, 144) if generator == "pan" else (240, 180))
     fps = 25 if generator == "pan" else 30
-    sources = celeba_faces(shared, 2, rng) if generator == "pan" else faces68_faces(shared, 2, rng)
+    sources = (celeba_faces if generator == "pan" else faces68_faces)(shared, count, rng)
     faces = [np.asarray(f.convert("RGB"), np.float32) for f in sources]
     alpha = face_alpha()
-    path = paths(generator, frames, size, span_min, span_max, rng)
+    path = paths(generator, frames, size, span_min, span_max, rng, count)
     canvas_size = (size[0] * upscale, size[1] * upscale)
     bg = background(generator, canvas_size, rng)
     to_canvas = frame_to_canvas(upscale)
@@ -631,9 +660,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.require(fv, "checkpoint", "output")
         if not fv.output.lower().endswith(".png"):
             raise UserError(f"--output must be a .png file, got {fv.output}")
+    size = None
+    if fv.size:
+        try:
+            size = tuple(int(v) for v in fv.size.lower().split("x"))
+            assert len(size) == 2 and min(size) >= 32
+        except (ValueError, AssertionError):
+            raise UserError(f"--size must be WxH (at least 32x32), got {fv.size}") from None
     if fv.step in ("all", "make"):
         make_clip(fv.generator, workdir, shared_dir(fv.shared), fv.frames, fv.upscale,
-                  fv.span_min, fv.span_max, fv.seed)
+                  fv.span_min, fv.span_max, fv.seed, size, fv.faces)
     if fv.step == "make":
         return 0
     report = score_clip(workdir, fv.checkpoint, fv.min_face, fv.detector_weights, options,
