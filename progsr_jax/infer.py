@@ -8,6 +8,8 @@ Usage::
         --output=DIR [--limit=N] [--data_root=TFDS_DATA_DIR]
     python -m progsr_jax.infer --exported=DIR --input=FILE_OR_DIR --output=FILE_OR_DIR \
         [--mode=downsample|lowres]
+    python -m progsr_jax.infer --mode=video --checkpoint=PATH --input=CLIP --output=OUT.mp4 \
+        [--upscale=2] [--nosmooth] [--detect_every=3] [--track_clips] [--lossless]
 
 ``--exported=DIR`` runs a model written by ``python -m progsr_jax.export``
 instead of a checkpoint (``DIR/model.onnx`` in onnxruntime, else
@@ -36,6 +38,12 @@ Modes:
     photo in one model call) and blended back into the photo upscaled
     ``--upscale`` times (PIL bicubic outside the faces).  ``--output`` is a
     folder; see "Photo mode" below.
+``video``
+    The faces of a video file (:mod:`progsr_jax.video`; needs PyAV,
+    ``pip install 'progsr_jax[video]'``, and the MTCNN weights): streamed
+    frame by frame, faces tracked, their alignment smoothed over time, each
+    restored face combined with its neighbouring frames, pasted back; audio,
+    timestamps and rotation kept.  See "Video mode" below and docs/video.md.
 
 Any image mode is accepted (gray, RGBA - composited on black -, CMYK,
 16-bit, palette, ...; see :func:`progsr_jax.data.open_image`).  The output is
@@ -90,6 +98,23 @@ a face whose aligned crop spans more photo pixels is left exactly as it is
 (not restored, not pasted; ``auto`` ignores it when choosing the scale), and
 faces.json lists it with ``"restored": false``, its ``span`` and the
 ``reason``; ``--max_face=0`` restores every face.
+
+Video mode
+----------
+``--input`` is one video file, ``--output`` the restored video (``.mp4``,
+``.m4v``, ``.mov``, ``.mkv`` or ``.webm``), written under a temporary name
+and renamed when complete, with ``<output stem>.tracks.json`` beside it
+(:mod:`progsr_jax.video.outputs`).  ``--upscale`` is a number (default 1:
+the input's size; ``auto`` is refused, a video has one size), ``--min_face``
+defaults to 10 (tiny faces), ``--max_face`` works as in photo mode with
+hysteresis and crossfades.  ``--nosmooth``: every frame as ``--mode=photo``
+would do it (the baseline); ``--detect_every=k``: the detector on every k-th
+frame only (faces followed in between; about 4x faster at k=3);
+``--max_gap``: missed detections a track bridges; ``--scene_cut``: the cut
+detector's threshold; ``--codec``, ``--crf``, ``--codec_preset``,
+``--lossless``: the encoder (default H.264 CRF 18, preset fast; VP9 for
+``.webm``); ``--tracks_json``: elsewhere; ``--track_clips``: each track's
+restored faces as a clip in ``<output stem>_tracks/``.
 """
 
 from __future__ import annotations
@@ -150,13 +175,14 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_boolean("smooth", True, "video mode: smoothed alignment, combination of "
                          "each face over neighbouring frames, hysteresis and crossfades; "
                          "--nosmooth: every frame as --mode=photo would do it", flag_values=fv)
-    flags.DEFINE_integer("detect_every", 1, "video mode: run the face detector on every k-th "
-                         "frame (tracks carry the faces in between)", lower_bound=1,
+    flags.DEFINE_integer("detect_every", None, "video mode: run the face detector on every "
+                         "k-th frame, faces followed in between (default 1)", lower_bound=1,
                          flag_values=fv)
-    flags.DEFINE_integer("max_gap", 4, "video mode: missed detections a track bridges before it "
-                         "ends", lower_bound=0, flag_values=fv)
-    flags.DEFINE_float("scene_cut", 28.0, "video mode: scene-cut threshold (mean grey-level "
-                       "change of a frame thumbnail; 0: never cut)", lower_bound=0.0,
+    flags.DEFINE_integer("max_gap", None, "video mode: detections a track bridges neither "
+                         "detected nor followed before it ends (default 4)", lower_bound=0,
+                         flag_values=fv)
+    flags.DEFINE_float("scene_cut", None, "video mode: scene-cut threshold, the mean grey-level "
+                       "change of a frame thumbnail (default 28; 0: never cut)", lower_bound=0.0,
                        flag_values=fv)
     flags.DEFINE_string("codec", None, "video mode: the video encoder (default libx264 for "
                         ".mp4/.m4v/.mov/.mkv, libvpx-vp9 for .webm)", flag_values=fv)
@@ -246,18 +272,20 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
 
 def run_video(checkpoint: str | None, input_path: str, output: str, *, upscale=None,
               min_face: float | None = None, max_face: float | None = None, smooth: bool = True,
-              detect_every: int = 1, max_gap: int = 4, scene_cut: float | None = None,
+              detect_every: int | None = None, max_gap: int | None = None,
+              scene_cut: float | None = None,
               codec: str | None = None, crf: int | None = None, codec_preset: str | None = None,
               lossless: bool = False, tracks_json: str | None = None, track_clips: bool = False,
               detector_weights: str | None = None, batch_size: int = 16, progress: bool = True,
               log=print, **tuning) -> dict:
     """``--mode=video``: one video file in, one out (:func:`progsr_jax.video.outputs.restore_video`,
     which tells what it returns).  ``upscale`` defaults to 1 and ``min_face`` to 10 (tiny faces);
-    ``tuning``: further :class:`progsr_jax.video.restoration.VideoOptions` fields."""
+    None: the :class:`progsr_jax.video.restoration.VideoOptions` default; ``tuning``: further
+    fields of it."""
     from progsr_jax.photo import detection, pipeline
 
     try:  # PyAV is the optional extra `video`
-        from progsr_jax.video import outputs, restoration, tracking
+        from progsr_jax.video import outputs, restoration
     except ImportError as e:
         raise UserError(f"--mode=video needs PyAV ({e}): pip install 'progsr_jax[video]' "
                         "(or pip install av)") from None
@@ -268,13 +296,13 @@ def run_video(checkpoint: str | None, input_path: str, output: str, *, upscale=N
         raise UserError("--upscale=auto chooses a size per photo; a video keeps one size: give "
                         f"a number (default {VIDEO_UPSCALE:g} in video mode)")
     upscale = pipeline.parse_upscale(upscale)
+    given = {k: v for k, v in (("detect_every", detect_every), ("max_gap", max_gap),
+                               ("scene_cut", scene_cut)) if v is not None}
     try:
         options = restoration.VideoOptions(
             smooth=bool(smooth), upscale=float(upscale),
             max_face=pipeline.DEFAULT_MAX_FACE if max_face is None else float(max_face),
-            detect_every=int(detect_every), max_gap=int(max_gap),
-            scene_cut=tracking.SCENE_CUT if scene_cut is None else float(scene_cut),
-            batch_size=int(batch_size), **tuning)
+            batch_size=int(batch_size), **given, **tuning)
     except TypeError as e:
         raise UserError(f"unknown video option: {e}") from None
     planned = outputs.plan(input_path, output, options, tracks_json=tracks_json,
