@@ -12,7 +12,7 @@ from progsr_jax.photo import align, mtcnn
 
 # PyAV is the optional extra `video` (pip install -e '.[video]'); CI installs it.
 pytest.importorskip("av", reason="PyAV not installed (pip install -e '.[video]')")
-from progsr_jax.video import streams  # noqa: E402 - needs av
+from progsr_jax.video import streams
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_make_and_score_a_tiny_clip(tmp_path, weights, tiny_checkpoint, tool_mod
     assert streams.VideoReader(str(work / "truth.mp4")).info.size == (512, 288)
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["methods"]) == {"bicubic", "frame-by-frame", "smoothed"}
-    for name, r in report["methods"].items():
+    for r in report["methods"].values():
         assert np.isfinite(r["flicker"]) and 5 < r["psnr"] < 60
         assert len(r["flicker_over_time"]) == 9 and len(r["psnr_over_time"]) == 10
     assert report["options"] == {"combine_window": 1}

@@ -559,7 +559,8 @@ def score_clip(workdir: str, checkpoint: str, min_face: float, weights: str | No
 def figure(report: dict, workdir: str) -> Image.Image:
     """A strip of frames around the first face (truth and the three methods) over flicker over
     time (one line per method)."""
-    truth = json.load(open(os.path.join(workdir, "truth.json")))
+    with open(os.path.join(workdir, "truth.json")) as f:
+        truth = json.load(f)
     n = truth["frames"]
     picks = np.linspace(2, n - 3, 6).round().astype(int)
     u = truth["upscale"]

@@ -95,7 +95,7 @@ class TracksJson:
         self.path = path
         self.tmp = streams.temp_path(path)
         try:
-            self.file = open(self.tmp, "w")
+            self.file = open(self.tmp, "w")  # noqa: SIM115 - open while the tracks stream in
         except OSError as e:
             raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         self.count = 0
@@ -189,7 +189,7 @@ def plan(input_path: str, output: str, options: VideoOptions, *, tracks_json: st
     if size[0] * size[1] > streams.MAX_FRAME_PIXELS:
         raise UserError(f"--upscale={options.upscale:g} makes {size[0]}x{size[1]} frames, more "
                         f"than {streams.MAX_FRAME_PIXELS} pixels; choose a smaller --upscale")
-    stem, ext = os.path.splitext(output)
+    stem = os.path.splitext(output)[0]
     json_path = os.path.abspath(os.path.expanduser(tracks_json)) if tracks_json else \
         stem + ".tracks.json"
     if os.path.isdir(json_path):
@@ -266,7 +266,7 @@ def restore_video(sr, detector, planned: dict, options: VideoOptions, *, progres
                                                  os.path.dirname(planned["tracks_json"]))
         records.add(record, frames)
 
-    total = info.frames or int(round(info.duration * info.fps)) or 0
+    total = info.frames or round(info.duration * info.fps)
     start = time.perf_counter()
     try:
         records = TracksJson(planned["tracks_json"], header)

@@ -55,7 +55,14 @@ from progsr_jax.photo import align, paste
 from progsr_jax.photo.detection import Face
 from progsr_jax.video import smoothing, tracking
 from progsr_jax.video.streams import Frame
-from progsr_jax.video.tracking import MAX_FOLLOW, SCENE_CUT, Observation, SceneCuts, Track, Tracker
+from progsr_jax.video.tracking import (
+    MAX_FOLLOW,
+    SCENE_CUT,
+    Observation,
+    SceneCuts,
+    Track,
+    Tracker,
+)
 
 #: Track end reasons after which the face is still in view: no fade-out there.
 END_OF_SHOT = ("scene cut", "end of the video")

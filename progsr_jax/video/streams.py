@@ -143,7 +143,7 @@ def _rotation(frame) -> int:
         degrees = float(frame.rotation or 0)
     except (AttributeError, ValueError):
         degrees = 0.0
-    return int(round(degrees / 90.0)) * 90 % 360
+    return round(degrees / 90.0) * 90 % 360
 
 
 class VideoReader:
@@ -438,7 +438,7 @@ class VideoWriter:
         if not self._closed:
             try:
                 self.container.close()
-            except Exception:  # noqa: BLE001 - closing a half-written file: only removal matters
+            except Exception:  # noqa: BLE001, S110 - closing a half-written file: removing it is what matters
                 pass
             self._closed = True
         try:
