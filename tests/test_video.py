@@ -330,6 +330,26 @@ def test_restorer_streams_in_fixed_batches(fake_sr_type):
         assert sorted(t.id for t in done) == [0, 1]
 
 
+def test_a_scene_cut_ends_the_tracks(fake_sr_type):
+    """At a cut every track ends (no smoothing or combination across it) and new ones start."""
+    a = gradient_frames(1, 96, 64)[0]
+    b = np.ascontiguousarray(255 - a[::-1])
+    r = restoration.VideoRestorer(fake_sr_type(), FakeDetector(_path, jitter=0.3), restoration.VideoOptions(
+        max_face=0.0, batch_size=4, follow=False), (96, 64))
+    outs = []
+    for t in range(30):
+        img = (a if t < 15 else b).copy()
+        img[0, 0] = t
+        outs += r.push(streams.Frame(t, t, t * 0.04, img))
+    outs += r.finish()
+    before = {j.track.id for o in outs[:15] for j in o.jobs}
+    after = {j.track.id for o in outs[15:] for j in o.jobs}
+    assert len(before) == len(after) == 2 and not before & after
+    ended = {t.id: t.end_reason for o in outs for t in o.completed}
+    assert all(ended[i] == "scene cut" for i in before)
+    assert all(o.jobs[0].weight == 1.0 for o in outs)  # no fade at a cut: the faces are in view
+
+
 def test_smoothing_steadies_the_alignment(fake_sr_type):
     """Jittered landmarks: the transforms used move like the true path, frame-by-frame ones jump."""
     errs = {}
