@@ -8,6 +8,8 @@ Usage::
         --output=DIR [--limit=N] [--data_root=TFDS_DATA_DIR]
     python -m progsr_jax.infer --exported=DIR --input=FILE_OR_DIR --output=FILE_OR_DIR \
         [--mode=downsample|lowres]
+    python -m progsr_jax.infer --mode=video --checkpoint=PATH --input=CLIP --output=OUT.mp4 \
+        [--upscale=2] [--nosmooth] [--detect_every=3] [--track_clips] [--lossless]
 
 ``--exported=DIR`` runs a model written by ``python -m progsr_jax.export``
 instead of a checkpoint (``DIR/model.onnx`` in onnxruntime when it is
@@ -38,6 +40,12 @@ Modes:
     photo in one model call) and blended back into the photo upscaled
     ``--upscale`` times (PIL bicubic outside the faces).  ``--output`` is a
     folder; see "Photo mode" below.
+``video``
+    The faces of a video file (:mod:`progsr_jax.video`; needs PyAV,
+    ``pip install 'progsr_jax[video]'``, and the MTCNN weights): streamed
+    frame by frame, faces tracked, their alignment smoothed over time, each
+    restored face combined with its neighbouring frames, pasted back; audio,
+    timestamps and rotation kept.  See "Video mode" below and docs/video.md.
 
 Any image mode is accepted (gray, RGBA - composited on black -, CMYK,
 16-bit, palette, ...; see :func:`progsr_jax.data.open_image`).  The output is
@@ -107,6 +115,23 @@ a face whose aligned crop spans more photo pixels is left exactly as it is
 (not restored, not pasted; ``auto`` ignores it when choosing the scale), and
 faces.json lists it with ``"restored": false``, its ``span`` and the
 ``reason``; ``--max_face=0`` restores every face.
+
+Video mode
+----------
+``--input`` is one video file, ``--output`` the restored video (``.mp4``,
+``.m4v``, ``.mov``, ``.mkv`` or ``.webm``), written under a temporary name
+and renamed when complete, with ``<output stem>.tracks.json`` beside it
+(:mod:`progsr_jax.video.outputs`).  ``--upscale`` is a number (default 1:
+the input's size; ``auto`` is refused, a video has one size), ``--min_face``
+defaults to 10 (tiny faces), ``--max_face`` works as in photo mode with
+hysteresis and crossfades.  ``--nosmooth``: every frame as ``--mode=photo``
+would do it (the baseline); ``--detect_every=k``: the detector on every k-th
+frame only (faces followed in between; about 4x faster at k=3);
+``--max_gap``: missed detections a track bridges; ``--scene_cut``: the cut
+detector's threshold; ``--codec``, ``--crf``, ``--codec_preset``,
+``--lossless``: the encoder (default H.264 CRF 18, preset fast; VP9 for
+``.webm``); ``--tracks_json``: elsewhere; ``--track_clips``: each track's
+restored faces as a clip in ``<output stem>_tracks/``.
 """
 
 from __future__ import annotations
@@ -126,10 +151,17 @@ from progsr_jax.inference import batching, serialized
 from progsr_jax.photo import detection, restoration
 from progsr_jax.photo.folders import plan_photo_outputs, restore_files
 
-MODES = ("downsample", "lowres", "photo")
-#: The flags of --mode=photo alone (run_photo's options).
+MODES = ("downsample", "lowres", "photo", "video")
+#: The flags of --mode=photo (run_photo's options); --mode=video takes them too, but for
+#: --max_faces and --only_center_face.
 PHOTO_FLAGS = ("upscale", "min_face", "max_faces", "only_center_face", "max_face",
                "detector_weights")
+#: The flags of --mode=video alone (run_video's options).
+VIDEO_FLAGS = ("smooth", "detect_every", "max_gap", "scene_cut", "codec", "crf",
+               "codec_preset", "lossless", "tracks_json", "track_clips")
+#: --mode=video's defaults where they differ from the photo mode's.
+VIDEO_MIN_FACE = 10.0
+VIDEO_UPSCALE = 1.0
 
 
 def define(fv: flags.FlagValues) -> None:
@@ -147,7 +179,8 @@ def define(fv: flags.FlagValues) -> None:
                          "outputs replace the inputs they are made from", flag_values=fv)
     flags.DEFINE_enum("mode", "downsample", MODES, "downsample: training preprocessing to "
                       "16x16 first; lowres: the input is the low-resolution face; photo: "
-                      "every face of a photo, aligned, restored and pasted back",
+                      "every face of a photo, aligned, restored and pasted back; video: the "
+                      "faces of a video file, tracked and steadied (docs/video.md)",
                       flag_values=fv)
     flags.DEFINE_enum("crop", "square", ("square", "celeba", "none"),
                       "downsample mode: how the image is cropped before the 128 resize",
@@ -169,6 +202,30 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("detector_weights", None, "photo mode: folder with MTCNN's pnet.pt, "
                         "rnet.pt, onet.pt (default: the installed facenet-pytorch wheel)",
                         flag_values=fv)
+    flags.DEFINE_boolean("smooth", True, "video mode: smoothed alignment, combination of "
+                         "each face over neighbouring frames, hysteresis and crossfades; "
+                         "--nosmooth: every frame as --mode=photo would do it", flag_values=fv)
+    flags.DEFINE_integer("detect_every", None, "video mode: run the face detector on every "
+                         "k-th frame, faces followed in between (default 1)", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("max_gap", None, "video mode: detections a track bridges neither "
+                         "detected nor followed before it ends (default 4)", lower_bound=0,
+                         flag_values=fv)
+    flags.DEFINE_float("scene_cut", None, "video mode: scene-cut threshold, the mean grey-level "
+                       "change of a frame thumbnail (default 28; 0: never cut)", lower_bound=0.0,
+                       flag_values=fv)
+    flags.DEFINE_string("codec", None, "video mode: the video encoder (default libx264 for "
+                        ".mp4/.m4v/.mov/.mkv, libvpx-vp9 for .webm)", flag_values=fv)
+    flags.DEFINE_integer("crf", None, "video mode: constant-quality level (default 18 for "
+                         "libx264, 22 libx265, 32 libvpx-vp9; lower is better)", flag_values=fv)
+    flags.DEFINE_string("codec_preset", None, "video mode: x264/x265 speed preset (default fast)",
+                        flag_values=fv)
+    flags.DEFINE_boolean("lossless", False, "video mode: lossless output (libx264rgb at QP 0: "
+                         "the frames bit for bit; VP9 lossless for .webm)", flag_values=fv)
+    flags.DEFINE_string("tracks_json", None, "video mode: where tracks.json goes (default "
+                        "<output stem>.tracks.json)", flag_values=fv)
+    flags.DEFINE_boolean("track_clips", False, "video mode: also write each track's restored "
+                         "128x128 faces as a clip in <output stem>_tracks/", flag_values=fv)
     flags.DEFINE_enum("source", "files", ("files", "tfds"), "files: --input; tfds: CelebA's "
                       "--split through TensorFlow Datasets", flag_values=fv)
     flags.DEFINE_string("split", "test", "--source=tfds: train, val or test", flag_values=fv)
@@ -249,6 +306,54 @@ def run_photo(checkpoint: str | None, input_path: str, output: str, *, upscale="
                          workers=workers, progress=progress, log=log)
 
 
+def run_video(checkpoint: str | None, input_path: str, output: str, *, upscale=None,
+              min_face: float | None = None, max_face: float | None = None, smooth: bool = True,
+              detect_every: int | None = None, max_gap: int | None = None,
+              scene_cut: float | None = None,
+              codec: str | None = None, crf: int | None = None, codec_preset: str | None = None,
+              lossless: bool = False, tracks_json: str | None = None, track_clips: bool = False,
+              detector_weights: str | None = None, batch_size: int = 16, progress: bool = True,
+              log=print, **tuning) -> dict:
+    """``--mode=video``: one video file in, one out (:func:`progsr_jax.video.outputs.restore_video`,
+    which tells what it returns).  ``upscale`` defaults to 1 and ``min_face`` to 10 (tiny faces);
+    None: the :class:`progsr_jax.video.restoration.VideoOptions` default; ``tuning``: further
+    fields of it."""
+    try:  # optional: progsr_jax.video needs PyAV, the `video` extra
+        from progsr_jax.video import outputs as video_outputs
+        from progsr_jax.video import restoration as video_restoration
+    except ImportError as e:
+        raise UserError(f"--mode=video needs PyAV ({e}): pip install 'progsr_jax[video]' "
+                        "(or pip install av)") from None
+
+    if upscale is None:
+        upscale = VIDEO_UPSCALE
+    elif isinstance(upscale, str) and upscale.strip().lower() == "auto":
+        raise UserError("--upscale=auto chooses a size per photo; a video keeps one size: give "
+                        f"a number (default {VIDEO_UPSCALE:g} in video mode)")
+    upscale = restoration.parse_upscale(upscale)
+    given = {k: v for k, v in (("detect_every", detect_every), ("max_gap", max_gap),
+                               ("scene_cut", scene_cut)) if v is not None}
+    try:
+        options = video_restoration.VideoOptions(
+            smooth=bool(smooth), upscale=float(upscale),
+            max_face=restoration.DEFAULT_MAX_FACE if max_face is None else float(max_face),
+            batch_size=int(batch_size), **given, **tuning)
+    except TypeError as e:
+        raise UserError(f"unknown video option: {e}") from None
+    planned = video_outputs.plan(input_path, output, options, tracks_json=tracks_json,
+                                 track_clips=track_clips, codec=codec, crf=crf,
+                                 preset=codec_preset, lossless=lossless,
+                                 inputs=model_inputs(checkpoint, None))
+    detector = detection.Detector(detector_weights,
+                                  min_face=VIDEO_MIN_FACE if min_face is None else min_face)
+    model = load_model(checkpoint)
+    if model.output_size != 128:
+        raise UserError(f"--mode=video needs a stage-3 model (128x128 outputs); {checkpoint} "
+                        f"makes {model.output_size}x{model.output_size}")
+    return video_outputs.restore_video(model, detector, planned, options, progress=progress,
+                                       log=log)
+
+
 def plan_tfds(split: str, output: str, limit: int | None, data_dir: str | None,
               inputs: list[writing.Input], log=print):
     """``([(name, output file)], loader)`` for CelebA's ``split`` through TFDS."""
@@ -284,8 +389,8 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     if checkpoint and exported:
         raise UserError("give --checkpoint or --exported, not both")
-    if exported and mode == "photo":
-        raise UserError("--exported runs --mode=downsample or --mode=lowres, not --mode=photo")
+    if exported and mode in ("photo", "video"):
+        raise UserError(f"--exported runs --mode=downsample or --mode=lowres, not --mode={mode}")
     if not checkpoint and not exported:
         raise UserError("--checkpoint=PATH is required (a training workdir, a checkpoint "
                         "directory or a converted official checkpoint), or --exported=DIR")
@@ -294,10 +399,13 @@ def run(checkpoint: str | None, input_path: str, output: str, mode: str = "downs
     if mode == "photo":
         return run_photo(checkpoint, input_path, output, batch_size=batch_size, workers=workers,
                          progress=progress, overwrite=overwrite, log=log, **photo_options)
+    if mode == "video":
+        return run_video(checkpoint, input_path, output, batch_size=batch_size,
+                         progress=progress, log=log, **photo_options)
     if photo_options:
         names = sorted(photo_options)
         raise UserError(f"{', '.join('--' + k for k in names)} only appl"
-                        f"{'ies' if len(names) == 1 else 'y'} to --mode=photo")
+                        f"{'ies' if len(names) == 1 else 'y'} to --mode=photo or --mode=video")
     inputs = model_inputs(checkpoint, exported)
     if source == "tfds":
         if mode != "downsample" or input_path:
@@ -343,8 +451,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     photo_options = {}
     if fv.mode == "photo":
         photo_options = {name: fv[name].value for name in PHOTO_FLAGS}
-    else:  # a photo flag given in another mode is a mistake, not something to ignore
-        photo_options = {name: fv[name].value for name in PHOTO_FLAGS if fv[name].present}
+    elif fv.mode == "video":
+        for name in ("max_faces", "only_center_face"):
+            if fv[name].present:
+                raise UserError(f"--{name} applies to --mode=photo only")
+        photo_options = {name: fv[name].value for name in PHOTO_FLAGS + VIDEO_FLAGS
+                         if name not in ("max_faces", "only_center_face")}
+        for name in ("upscale", "min_face"):  # the video defaults differ from the photo ones
+            if not fv[name].present:
+                photo_options[name] = None
+    else:  # a photo or video flag given in another mode is a mistake, not something to ignore
+        photo_options = {name: fv[name].value for name in PHOTO_FLAGS + VIDEO_FLAGS
+                         if fv[name].present}
     run(fv.checkpoint, fv.input, fv.output, mode=fv.mode, batch_size=fv.batch_size,
         crop=fv.crop, workers=fv.workers, progress=fv.progress, source=fv.source,
         split=fv.split, limit=fv.limit, data_root=fv.data_root, exported=fv.exported,

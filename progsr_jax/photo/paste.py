@@ -88,7 +88,8 @@ def canvas_to_sr(transform, photo_size, out_size) -> np.ndarray:
 
 
 def paste_back(photo: Image.Image, results: Sequence, transforms: Sequence, upscale: float = 8.0,
-               mask: np.ndarray | None = None) -> tuple[Image.Image, np.ndarray]:
+               mask: np.ndarray | None = None,
+               weights: Sequence[float] | None = None) -> tuple[Image.Image, np.ndarray]:
     """Blends super-resolved faces into the photo upscaled ``upscale`` times.
 
     Args:
@@ -98,6 +99,8 @@ def paste_back(photo: Image.Image, results: Sequence, transforms: Sequence, upsc
       transforms: per face, its 2x3 photo -> aligned-frame transform.
       upscale: output size / input size (see the module docstring).
       mask: the feathered mask in result pixels (default :func:`feather_mask`).
+      weights: per face, a factor (0..1) on its mask (default 1: the video
+        mode's crossfades).
 
     Returns:
       ``(restored RGB image, coverage)``: ``coverage`` is (H_out, W_out)
@@ -107,12 +110,16 @@ def paste_back(photo: Image.Image, results: Sequence, transforms: Sequence, upsc
     """
     if len(results) != len(transforms):
         raise UserError(f"{len(results)} results but {len(transforms)} transforms")
+    if weights is None:
+        weights = [1.0] * len(results)
+    if len(weights) != len(results):
+        raise UserError(f"{len(results)} results but {len(weights)} weights")
     photo = photo.convert("RGB") if photo.mode != "RGB" else photo
     out_size = output_size(photo.size, upscale)
     canvas = np.asarray(photo.resize(out_size, Image.BICUBIC), dtype=np.uint8).copy()
     coverage = np.zeros((out_size[1], out_size[0]), np.float32)
     mask_img = Image.fromarray(feather_mask() if mask is None else np.asarray(mask, np.float32), mode="F")
-    for result, m in zip(results, transforms):
+    for result, m, weight in zip(results, transforms, weights):
         if not isinstance(result, Image.Image):
             arr = np.clip(np.rint(np.asarray(result, np.float64)), 0, 255).astype(np.uint8)
             result = Image.fromarray(arr)
@@ -132,7 +139,7 @@ def paste_back(photo: Image.Image, results: Sequence, transforms: Sequence, upsc
         data = align.pil_affine(sub)
         face = np.asarray(result.transform((x1 - x0, y1 - y0), Image.AFFINE, data, Image.BICUBIC), np.float32)
         alpha = np.asarray(mask_img.transform((x1 - x0, y1 - y0), Image.AFFINE, data, Image.BILINEAR))
-        alpha = np.clip(alpha, 0.0, 1.0)
+        alpha = np.clip(alpha * np.float32(weight), 0.0, 1.0)
         region = canvas[y0:y1, x0:x1]
         blended = region + alpha[..., None] * (face - region)
         canvas[y0:y1, x0:x1] = np.where(alpha[..., None] > 0, np.clip(np.rint(blended), 0, 255), region)
