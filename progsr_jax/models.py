@@ -166,10 +166,20 @@ class Discriminator(nn.Module):
         self.linear = Linear(c(2048), dtype=dt)
         self.linear2 = Linear(1, dtype=dt)
 
-    def __call__(self, x, stage: int = 3, alpha=1.0, *, step: int | None = None):
+    def __call__(self, x, stage: int = 3, alpha=1.0, *, step: int | None = None,
+                 groups: int = 1):
+        """Scores of ``x`` (N, S, S, 3).
+
+        ``groups``: the batch holds that many interleaved sets of images (row
+        ``i`` in set ``i % groups``, e.g. ``[real_0, fake_0, real_1, fake_1,
+        ...]``), and the minibatch standard deviation is taken over each set
+        alone, so one call scores every set exactly as one call per set would.
+        """
         step = stage if step is None else step  # ``step=``: the earlier name of ``stage``
         if step not in (1, 2, 3):
             raise ValueError(f"step must be 1, 2 or 3, got {step}")
+        if groups < 1 or x.shape[0] % groups:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {groups} sets")
         if self.is_initializing():  # from_rgb_0 is not on the step-3 path; create it too
             self.from_rgb_0(jnp.zeros((1, 1, 1, 3), self.dtype))
         from_rgb = (self.from_rgb_0, self.from_rgb_1, self.from_rgb_2)
@@ -182,10 +192,14 @@ class Discriminator(nn.Module):
             for k in range(step - 2, -1, -1):
                 h = avg_pool2(blocks[k](h))
         # Minibatch standard deviation of the *input image* (unbiased, as torch.std),
-        # averaged over channels and positions, as one extra constant channel.
-        std = jnp.mean(safe_sqrt(jnp.var(x.astype(jnp.float32), axis=0, ddof=1)))
+        # averaged over channels and positions, as one extra constant channel; one
+        # value per set of images (rows i, i + groups, i + 2 * groups, ...).
         n, hh, ww, _ = h.shape
-        h = jnp.concatenate([h, jnp.broadcast_to(std.astype(h.dtype), (n, hh, ww, 1))], axis=-1)
+        sets = x.astype(jnp.float32).reshape((n // groups, groups) + x.shape[1:])
+        std = jnp.mean(safe_sqrt(jnp.var(sets, axis=0, ddof=1)), axis=(1, 2, 3))  # (groups,)
+        std = jnp.tile(std.astype(h.dtype), n // groups)  # row i gets std[i % groups]
+        h = jnp.concatenate([h, jnp.broadcast_to(std[:, None, None, None], (n, hh, ww, 1))],
+                            axis=-1)
         h = self.equal_conv(h)
         h = jnp.mean(h, axis=(1, 2))  # avg_pool2d over the whole 16x16 map
         h = self.linear2(self.linear(h))
