@@ -15,7 +15,9 @@ fixed batch shapes -- each chunk of at most ``batch_size`` faces padded with
 zeros to the next power of two (at least ``min_batch``) -- so a process
 compiles a handful of shapes however many faces it sees.  uint8 inputs give
 uint8 outputs (:func:`progsr_jax.data.to_uint8`), float inputs the raw
-float32 outputs (about [-1, 1], not clipped).
+float32 outputs (about [-1, 1], not clipped).  The chunks are pipelined
+(several in flight, the host-device copies overlapping the work) and uint8
+faces are converted on the device, with the host path's bytes.
 
 BatchNorm uses the running statistics (the authors' evaluation runs the
 generator in eval mode).
@@ -46,6 +48,9 @@ class SuperResolver:
     ``model``: the Flax generator to run (default: ``Generator(width, dtype)``;
     the trainers pass theirs).
     """
+
+    #: Calls take JAX arrays as they are (the batched path converts uint8 on the device).
+    accepts_device_arrays = True
 
     def __init__(self, variables: dict, stage: int, alpha: float, width: float = 1.0,
                  dtype: str = "float32", path: str | None = None, iteration: int | None = None,
