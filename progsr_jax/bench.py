@@ -292,9 +292,15 @@ class JaxTrain:
         g = models.Generator(width=width, dtype=compute)
         d = models.Discriminator(width=sr_config.d_width(config), dtype=compute)
         fan = StudentFAN()
-        self.state = jax.device_put(_initial_state(width, d_width), rep)
-        self.vgg_params = jax.device_put(vgg.load_vgg16_features_params(), rep)
-        self.fan_vars = jax.device_put(_initial_fan(), rep)
+        if compile:
+            self.state = jax.device_put(_initial_state(width, d_width), rep)
+            self.vgg_params = jax.device_put(vgg.load_vgg16_features_params(), rep)
+            self.fan_vars = jax.device_put(_initial_fan(), rep)
+        else:  # counting the work needs the shapes only
+            key = jax.random.PRNGKey(0)
+            self.state = jax.eval_shape(lambda: train.create_train_state(config, key)[0])
+            self.vgg_params = vgg.load_vgg16_features_params()
+            self.fan_vars = jax.eval_shape(lambda: fan.init(key, jnp.zeros((1, 64, 64, 3))))
         self.res = models.output_size(stage)
         self.alpha = np.float32(0.5 if stage > 1 else 1.0)
         self.pool = {"lr": _host_faces(self.POOL * batch_size, 16, 0),
@@ -349,15 +355,19 @@ class JaxInference:
 
     def __init__(self, batch_size: int, dtype: str, width: float, compile: bool = True):
         self.batch_size, self.dtype, self.width = batch_size, dtype, width
-        self.sr = SuperResolver(_initial_generator(width), 3, 1.0, width, dtype,
-                                batch_size=batch_size)
         self.x = jax.device_put(data.to_float(_host_faces(batch_size, 16, 2)))
         self.alpha = jnp.float32(1.0)
+        if compile:
+            self.sr = SuperResolver(_initial_generator(width), 3, 1.0, width, dtype,
+                                    batch_size=batch_size)
+            model, variables = self.sr.model, self.sr.variables
+        else:  # counting the work needs the shapes only
+            model = models.Generator(width=width, dtype=jnp.dtype(dtype))
+            variables = models.generator_shapes(width)
         # What the SuperResolver runs (evaluation-mode generator), compiled here once
         # for the count, the memory and the device-only timing.
-        model = self.sr.model
         forward = jax.jit(lambda v, x, a: model.apply(v, x, stage=3, alpha=a, train=False))
-        lowered = forward.lower(self.sr.variables, self.x, self.alpha)
+        lowered = forward.lower(variables, self.x, self.alpha)
         self.flops = lowered_flops(lowered)
         self.compile_s, self.memory, self.forward = None, None, None
         if compile:

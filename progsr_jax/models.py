@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from progsr_jax.layers import (BatchNorm2d, Conv2d, ConvTranspose2d, EqualConv2d, Linear,
@@ -214,12 +213,13 @@ def _init_key(key):
     deterministic for a given key.
     """
     if isinstance(key, int):
-        data = np.array([0, key & 0xFFFFFFFF], np.uint32)
+        data = jnp.array([0, key & 0xFFFFFFFF], jnp.uint32)
     elif jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        data = np.asarray(jax.random.key_data(key)).ravel().astype(np.uint32)
+        data = jax.random.key_data(key).ravel().astype(jnp.uint32)
     else:
-        data = np.asarray(key).ravel().astype(np.uint32)
-    return jax.random.wrap_key_data(np.resize(data, 4), impl="rbg")
+        data = jnp.ravel(key).astype(jnp.uint32)
+    # jnp, not numpy: also under tracing (jax.eval_shape of an initialisation)
+    return jax.random.wrap_key_data(jnp.resize(data, 4), impl="rbg")
 
 
 def init_generator(key, width: float = 1.0, dtype=jnp.float32):

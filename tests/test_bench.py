@@ -198,3 +198,13 @@ def test_gpu_suite_rehearsal_on_the_cpu_produces_every_row(tmp_path):
             assert x["flops_per_step"] > 0 and x["memory_bytes"] > 0
             assert x.get("finite", True)
     assert "Paper schedule" in text
+
+
+def test_pytorch_without_cuda_is_a_clear_reason():
+    torch = pytest.importorskip("torch", reason="needs torch")
+    if torch.cuda.is_available():
+        pytest.skip("PyTorch has CUDA here")
+    from progsr_jax.errors import UserError
+
+    with pytest.raises(UserError, match="has no CUDA device.*PyTorch rows are skipped"):
+        bench.TorchInference(4, "float32", 0.0625, device="cuda")

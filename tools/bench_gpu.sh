@@ -27,7 +27,9 @@ else
          "BENCH_GPU_REHEARSAL=1 bash tools/bench_gpu.sh" >&2
     exit 1
   fi
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  # One GPU for both frameworks (JAX would otherwise split the batch over all of them).
+  export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader --id="${CUDA_VISIBLE_DEVICES%%,*}" || true
   if ! "$python" -c "import sys, jax; d = jax.devices()[0]; print('jax', jax.__version__, d.device_kind); sys.exit(d.platform != 'gpu')"; then
     echo "error: JAX sees no GPU; install its CUDA build: pip install -e '.[cuda12]'" >&2
     exit 1
