@@ -38,7 +38,7 @@ else
     echo "warning: PyTorch is missing or has no CUDA here: the PyTorch rows will be skipped" \
          "(install a CUDA build of torch to get the ratios)" >&2
   fi
-  # A second run on the same machine skips XLA's compiles (about half of the first run).
+  # A second run on the same machine reuses XLA's compiled steps (persistent cache).
   export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/progsr_jax_compile_cache}"
   sizes=(--width=1.0 --batch_size=16 --infer_batches=64,256 --steps=10 --warmup=3
          --torch_device=cuda --timeout=240)
