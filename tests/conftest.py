@@ -34,6 +34,12 @@ def _need(path: pathlib.Path, what: str) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def shared_path() -> pathlib.Path:
+    """Where the shared folder would be (it may not exist: for tests with a fallback)."""
+    return SHARED
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
     return _need(SHARED, "shared data folder")
 

@@ -119,3 +119,73 @@ def test_pyproject_lists_every_package():
                   for p in (REPO / "progsr_jax").rglob("__init__.py"))
     assert sorted(set(conf["packages"]) - {"progsr_jax.configs"}) == tree
     assert conf["package-dir"]["progsr_jax.configs"] == "configs"
+
+
+def test_device_conversions_equal_the_host_ones():
+    """uint8 -> float and float -> uint8 on the device: the host functions' bits, at every
+    uint8 value and at the rounding edges (x.5 grey levels), where a slip would show."""
+    u8 = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(batching._uint8_to_float(u8)), data.to_float(u8))
+    levels = np.arange(-3, 260, 0.5, dtype=np.float32)  # grey levels, halves included
+    y = levels / np.float32(127.5) - np.float32(1.0)
+    y = np.concatenate([y, np.nextafter(y, np.float32(-2)), np.nextafter(y, np.float32(2)),
+                        np.float32([-7.0, 7.0, 0.0, -0.0])])
+    y = np.random.default_rng(0).permutation(y).reshape(-1, 1, 1, 1)
+    np.testing.assert_array_equal(np.asarray(batching._float_to_uint8(y)), data.to_uint8(y))
+
+
+def _reference(sr, faces, batch_size, min_batch=1):
+    """The batched path before issue 26: host conversions, one chunk after the other."""
+    x = data.to_float(faces)
+    out = []
+    for start in range(0, len(x), batch_size):
+        part = x[start:start + batch_size]
+        k = len(part)
+        rows = batching.batch_rows(k, batch_size, min(min_batch, batch_size))
+        part = np.concatenate([part, np.zeros((rows - k,) + part.shape[1:], np.float32)])
+        out.append(data.to_uint8(np.asarray(sr(part), np.float32)[:k]))
+    return np.concatenate(out)
+
+
+def _faces_16(shared_root, n):
+    """``n`` real 16x16 CelebA validation faces from ../shared, or random ones without it."""
+    root = shared_root / "data" / "celeba"
+    if not root.exists():
+        return np.random.default_rng(4).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    ds = data.build_dataset(dict(source="celeba", root=str(root), split="val", cache_dir="",
+                                 num_workers=0, max_images=n), progress=False, log=lambda _: None)
+    return np.asarray(ds.images[16][:n])
+
+
+def test_pipelined_path_returns_the_same_bytes(tiny_sr, shared_path):
+    faces = _faces_16(shared_path, 27)
+    noise = np.random.default_rng(5).integers(0, 256, (13, 16, 16, 3), dtype=np.uint8)
+    for x, batch, min_batch in ((faces, 4, 1), (faces, 8, 8), (noise, 16, 1)):
+        np.testing.assert_array_equal(batching.super_resolve(tiny_sr, x, batch, min_batch),
+                                      _reference(tiny_sr, x, batch, min_batch))
+    # a model with host outputs (the exported ones) takes the host conversions, same bytes
+    class HostModel:
+        output_size = tiny_sr.output_size
+
+        def __call__(self, v):
+            return np.asarray(tiny_sr(v))
+
+    host = HostModel()
+    np.testing.assert_array_equal(batching.super_resolve(host, noise, 4),
+                                  _reference(tiny_sr, noise, 4))
+
+
+def test_chunks_are_in_flight_before_the_first_is_fetched(tiny_sr, monkeypatch):
+    events = []
+    rec = Recorder(tiny_sr)
+    real_dispatch, real_collect = batching._dispatch, batching._collect
+    monkeypatch.setattr(batching, "_dispatch",
+                        lambda *a: events.append("send") or real_dispatch(*a))
+    monkeypatch.setattr(batching, "_collect",
+                        lambda *a: events.append("fetch") or real_collect(*a))
+    lr = np.random.default_rng(6).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    out = batching.super_resolve(rec, lr, batch_size=2)
+    depth = batching.IN_FLIGHT
+    assert depth >= 2
+    assert events == ["send"] * (depth + 1) + ["fetch", "send"] * (5 - depth - 1) + ["fetch"] * (depth + 1)
+    assert out.shape == (10, 64, 64, 3) and out.dtype == np.uint8

@@ -82,7 +82,7 @@ def test_discriminator_loss_matches_pytorch_autograd():
     real = rng.uniform(-1, 1, (4, 64, 64, 3)).astype(np.float32)
     fake = rng.uniform(-1, 1, (4, 64, 64, 3)).astype(np.float32)
     eps = rng.uniform(size=(4, 1, 1, 1)).astype(np.float32)
-    d_apply = lambda x: d.apply(variables, x, stage=2, alpha=0.3)  # noqa: E731
+    d_apply = lambda x, groups=1: d.apply(variables, x, stage=2, alpha=0.3, groups=groups)  # noqa: E731
     loss, aux = losses.discriminator_loss(d_apply, real, fake, eps)
 
     t = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
@@ -298,3 +298,113 @@ def test_validation_set_is_held_out_from_the_training_source(tiny_config):
     assert sr_validation.data_config(tiny_config(**{"data.source": "folder",
                                                     "data.root": "/x"})) is None
     assert sr_validation.data_config(tiny_config(**{"val.num_images": 0})) is None
+
+
+# --------------------------------------------------------------------------- issue 26:
+# bfloat16 everywhere, no wasted work
+
+#: Convolutions (and matmuls) of the stage-3 step allowed to stay float32 under
+#: model.dtype=bfloat16, with the reason for each.  None: G, the critic (the
+#: gradient penalty's double backward included), VGG and the FAN all compute in
+#: bfloat16; what stays float32 is elementwise (BatchNorm statistics, the losses,
+#: the penalty's input gradient and norms, Adam).
+FLOAT32_IN_BFLOAT16_STEP: dict[str, str] = {}
+
+
+def _convolutions(hlo_text: str) -> list[dict]:
+    """Every convolution and dot_general of a StableHLO module: operand and result types."""
+    import re
+
+    out = []
+    for line in hlo_text.splitlines():
+        if "stablehlo.convolution" not in line and "stablehlo.dot_general" not in line:
+            continue
+        types = re.findall(r"tensor<([0-9x]*)x?(bf16|f32|f16|f64)>", line.split(":")[-1])
+        *operands, result = [(tuple(int(d) for d in shape.split("x") if d), dt)
+                             for shape, dt in types]
+        out.append({"op": "convolution" if "convolution" in line else "dot_general",
+                    "operands": operands, "shape": result[0], "dtype": result[1]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage3_steps(step_setup, tiny_config):
+    """The lowered stage-3 step (StableHLO text) in float32 and in bfloat16, batch 2."""
+    _, state, g, d, fan, fan_vars, vgg_params = step_setup
+    rng = np.random.default_rng(3)
+    batch = {"lr": rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
+             "hr": rng.uniform(-1, 1, (2, 128, 128, 3)).astype(np.float32)}
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        c = tiny_config(**{"model.dtype": dtype})
+        compute = jnp.dtype(dtype)  # the modules' dtype (create_train_state's choice)
+        fn = jax.jit(train.make_train_step(c, g.clone(dtype=compute), d.clone(dtype=compute), 3,
+                                           True, fan))
+        out[dtype] = fn.lower(state, batch, np.float32(0.5), vgg_params, fan_vars).as_text()
+    return out
+
+
+def test_bfloat16_step_has_no_float32_convolution(stage3_steps):
+    convs = {k: _convolutions(v) for k, v in stage3_steps.items()}
+    assert len(convs["float32"]) == len(convs["bfloat16"]) > 150
+    assert {c["dtype"] for c in convs["float32"]} == {"f32"}  # the parser sees float32 ones
+    f32 = [c for c in convs["bfloat16"] if c["dtype"] != "bf16"]
+    assert len(f32) == len(FLOAT32_IN_BFLOAT16_STEP), f32
+    # the FAN's heatmap layer (68 channels at 128x128) included
+    assert any(c["shape"][-1] == 68 for c in convs["bfloat16"])
+
+
+def test_real_images_go_through_vgg_and_the_fan_forward_only(stage3_steps):
+    """No backward pass over the real half: each VGG / FAN layer runs three times per step
+    (fake forward, real forward, fake backward), every time on the batch of 2, never on 4."""
+    convs = _convolutions(stage3_steps["float32"])
+    # VGG's conv1_2 (64 -> 64) and the FAN's heatmap layer (32 -> 68 at a quarter width),
+    # both at 128x128 (no other layer of the step has these kernels)
+    for kernel in ((3, 3, 64, 64), (3, 3, 32, 68)):
+        runs = [c for c in convs if sorted(c["operands"][1][0]) == sorted(kernel)
+                and c["operands"][0][0][1:3] == (128, 128)]
+        assert [c["operands"][0][0][0] for c in runs] == [2, 2, 2], runs
+
+
+def test_critic_scores_real_and_fake_in_one_call_exactly(tiny_config):
+    c = tiny_config()
+    d, dv = gan.init_discriminator(jax.random.PRNGKey(5), 0.125)
+    rng = np.random.default_rng(5)
+    real = rng.uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    fake = rng.uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    eps = rng.uniform(size=(3, 1, 1, 1)).astype(np.float32)
+    both = np.stack([real, fake], axis=1).reshape(6, 32, 32, 3)
+    score = jax.jit(lambda x, groups: d.apply(dv, x, stage=1, alpha=1.0, groups=groups),
+                    static_argnums=1)
+    scores = score(both, 2)
+    np.testing.assert_allclose(scores[0::2], score(real, 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores[1::2], score(fake, 1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not split"):
+        d.apply(dv, both[:5], stage=1, alpha=1.0, groups=2)
+
+    # The critic's loss and its gradient, one call against one call per set: the same
+    # mathematics, checked in float64 (in float32 the bias gradients, sums of terms that
+    # nearly cancel, differ by rounding).
+    d64 = gan.Discriminator(width=0.125, dtype=jnp.float64)
+
+    def one_call(params):
+        apply = lambda x, groups=1: d64.apply({"params": params}, x, stage=1,  # noqa: E731
+                                              alpha=1.0, groups=groups)
+        return losses.discriminator_loss(apply, real, fake, eps, c.loss.gp_weight,
+                                         c.loss.drift)[0]
+
+    def two_calls(params):  # the loss as written before: one call per set of images
+        apply = lambda x: d64.apply({"params": params}, x, stage=1, alpha=1.0)  # noqa: E731
+        d_real, d_fake = apply(real), apply(fake)
+        gp = losses.gradient_penalty(apply, real, fake, eps)
+        return (jnp.mean(d_fake) - jnp.mean(d_real) + c.loss.drift * jnp.mean(d_real ** 2)
+                + c.loss.gp_weight * gp)
+
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), dv["params"])
+        (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(f))(params)
+                              for f in (one_call, two_calls))
+        # the minibatch statistic is computed in float32 in both
+        np.testing.assert_allclose(l1, l2, rtol=1e-7)
+        for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)

@@ -16,7 +16,9 @@ The package:
   during training, bench, the export parity check): any number of faces,
   uint8 (0..255) or float ([-1, 1]), through the model in a few fixed batch
   shapes; uint8 in gives uint8 out (:func:`progsr_jax.data.to_uint8`), float
-  in the raw float32 outputs (about [-1, 1], not clipped);
+  in the raw float32 outputs (about [-1, 1], not clipped).  The chunks are
+  pipelined (several in flight, the host-device copies overlapping the work)
+  and uint8 faces are converted on the device, with the host path's bytes;
 * :mod:`~progsr_jax.inference.checkpoints`: the checkpoint format (reading
   G/D trees and their meta, writing converted checkpoints);
 * :mod:`~progsr_jax.inference.serialized`: a model written by
@@ -55,6 +57,9 @@ class SuperResolver:
     ``model``: the Flax generator to run (default: ``Generator(width, dtype)``;
     the trainers pass theirs).
     """
+
+    #: Calls take JAX arrays as they are (the batched path converts uint8 on the device).
+    accepts_device_arrays = True
 
     def __init__(self, variables: dict, stage: int, alpha: float, width: float = 1.0,
                  dtype: str = "float32", path: str | None = None, iteration: int | None = None,

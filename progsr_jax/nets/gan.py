@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from progsr_jax.nets.layers import (
@@ -171,9 +170,18 @@ class Discriminator(nn.Module):
         self.linear = Linear(c(2048), dtype=dt)
         self.linear2 = Linear(1, dtype=dt)
 
-    def __call__(self, x, stage: int = 3, alpha=1.0):
+    def __call__(self, x, stage: int = 3, alpha=1.0, groups: int = 1):
+        """Scores of ``x`` (N, S, S, 3).
+
+        ``groups``: the batch holds that many interleaved sets of images (row
+        ``i`` in set ``i % groups``, e.g. ``[real_0, fake_0, real_1, fake_1,
+        ...]``), and the minibatch standard deviation is taken over each set
+        alone, so one call scores every set exactly as one call per set would.
+        """
         if stage not in STAGES:
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+        if groups < 1 or x.shape[0] % groups:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {groups} sets")
         if self.is_initializing():  # from_rgb_0 is not on the step-3 path; create it too
             self.from_rgb_0(jnp.zeros((1, 1, 1, 3), self.dtype))
         from_rgb = (self.from_rgb_0, self.from_rgb_1, self.from_rgb_2)
@@ -186,10 +194,14 @@ class Discriminator(nn.Module):
             for k in range(stage - 2, -1, -1):
                 h = avg_pool2(blocks[k](h))
         # Minibatch standard deviation of the *input image* (unbiased, as torch.std),
-        # averaged over channels and positions, as one extra constant channel.
-        std = jnp.mean(safe_sqrt(jnp.var(x.astype(jnp.float32), axis=0, ddof=1)))
+        # averaged over channels and positions, as one extra constant channel; one
+        # value per set of images (rows i, i + groups, i + 2 * groups, ...).
         n, hh, ww, _ = h.shape
-        h = jnp.concatenate([h, jnp.broadcast_to(std.astype(h.dtype), (n, hh, ww, 1))], axis=-1)
+        sets = x.astype(jnp.float32).reshape((n // groups, groups) + x.shape[1:])
+        std = jnp.mean(safe_sqrt(jnp.var(sets, axis=0, ddof=1)), axis=(1, 2, 3))  # (groups,)
+        std = jnp.tile(std.astype(h.dtype), n // groups)  # row i gets std[i % groups]
+        h = jnp.concatenate([h, jnp.broadcast_to(std[:, None, None, None], (n, hh, ww, 1))],
+                            axis=-1)
         h = self.equal_conv(h)
         h = jnp.mean(h, axis=(1, 2))  # avg_pool2d over the whole 16x16 map
         h = self.linear2(self.linear(h))
@@ -204,12 +216,13 @@ def _init_key(key):
     deterministic for a given key.
     """
     if isinstance(key, int):
-        data = np.array([0, key & 0xFFFFFFFF], np.uint32)
+        data = jnp.array([0, key & 0xFFFFFFFF], jnp.uint32)
     elif jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        data = np.asarray(jax.random.key_data(key)).ravel().astype(np.uint32)
+        data = jax.random.key_data(key).ravel().astype(jnp.uint32)
     else:
-        data = np.asarray(key).ravel().astype(np.uint32)
-    return jax.random.wrap_key_data(np.resize(data, 4), impl="rbg")
+        data = jnp.ravel(key).astype(jnp.uint32)
+    # jnp, not numpy: also under tracing (jax.eval_shape of an initialisation)
+    return jax.random.wrap_key_data(jnp.resize(data, 4), impl="rbg")
 
 
 def init_generator(key, width: float = 1.0, dtype=jnp.float32):

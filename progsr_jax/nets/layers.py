@@ -113,7 +113,12 @@ class BatchNorm2d(nn.Module):
     Training: normalise with the batch mean and biased variance over
     (N, H, W), and update ``running_mean``/``running_var`` (the latter with the
     unbiased variance) with momentum 0.1, as PyTorch does.  Evaluation: use
-    the running statistics.  Statistics are computed in float32.  Under
+    the running statistics.  Statistics and the normalisation are computed in
+    float32 whatever the layer's dtype, and only the result is cast to it:
+    in bfloat16 the backward pass of a batch-normalised layer sums terms that
+    nearly cancel, and summed in bfloat16 they leave little of the gradient
+    (measured: 40-200% error in G's weight gradients, and a quarter-width G
+    trained 2 dB below its float32 twin).  Under
     ``jax.jit`` with a batch sharded over devices the reductions are global,
     so N devices normalise exactly like one device with the same global batch.
     """
@@ -129,8 +134,8 @@ class BatchNorm2d(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,))
         ra_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "running_var", jnp.ones, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
         if train:
-            xf = x.astype(jnp.float32)
             mean = jnp.mean(xf, axis=(0, 1, 2))
             var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
             n = x.shape[0] * x.shape[1] * x.shape[2]
@@ -142,7 +147,7 @@ class BatchNorm2d(nn.Module):
             mean, var = ra_mean.value, ra_var.value
         scale = weight * jax.lax.rsqrt(var + self.eps)
         shift = bias - mean * scale
-        return x * scale.astype(self.dtype) + shift.astype(self.dtype)
+        return (xf * scale + shift).astype(self.dtype)
 
 
 class ConvTranspose2d(nn.Module):

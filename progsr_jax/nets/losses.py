@@ -75,13 +75,14 @@ def attention_map(hm_real_normalised):
 def heatmap_and_attention_losses(fan_apply: Callable, fake, real, norm_mode: str = "own"):
     """Heatmap loss MSE(hm_f, hm_r) and attention loss mean(M * |fake - real|).
 
-    ``fan_apply`` maps images in [0, 1] (NHWC) to heatmaps (N, H, W, 68); fake
-    and real go through it in one batch.
+    ``fan_apply`` maps images in [0, 1] (NHWC) to heatmaps (N, H, W, 68).  The
+    fake and the real images go through it in two calls, so that the
+    gradient's backward pass covers the fake half only (the real heatmaps are
+    targets: forward only).
     """
-    n = fake.shape[0]
-    hm = fan_apply(jnp.concatenate([0.5 * fake + 0.5, 0.5 * jax.lax.stop_gradient(real) + 0.5]))
-    hm = hm.astype(jnp.float32)
-    hm_f, hm_r = normalise_heatmaps(hm[:n], jax.lax.stop_gradient(hm[n:]), norm_mode)
+    hm_f = fan_apply(0.5 * fake + 0.5).astype(jnp.float32)
+    hm_r = jax.lax.stop_gradient(fan_apply(0.5 * jax.lax.stop_gradient(real) + 0.5))
+    hm_f, hm_r = normalise_heatmaps(hm_f, hm_r.astype(jnp.float32), norm_mode)
     heat = jnp.mean(jnp.square(hm_f - hm_r))
     att = jnp.mean(attention_map(hm_r) * jnp.abs(fake - real))
     return heat, att
@@ -102,9 +103,18 @@ def gradient_penalty(d_apply: Callable, real, fake, eps):
 
 def discriminator_loss(d_apply: Callable, real, fake, eps, gp_weight: float = 10.0,
                        drift: float = 0.001):
-    """WGAN-GP with drift: mean D(fake) - [mean D(real) - drift * mean D(real)^2] + gp_weight * GP."""
-    d_real = d_apply(real)
-    d_fake = d_apply(fake)
+    """WGAN-GP with drift: mean D(fake) - [mean D(real) - drift * mean D(real)^2] + gp_weight * GP.
+
+    ``d_apply(x, groups=1)``: the critic's scores of ``x``, with the minibatch
+    statistic taken over each of ``groups`` interleaved sets of rows
+    (:class:`progsr_jax.models.Discriminator`).  The real and the fake
+    images are scored in one call, interleaved as ``[real_0, fake_0, real_1,
+    ...]`` (which keeps each device's rows on that device), exactly as two
+    calls would score them.
+    """
+    both = jnp.stack([real, fake], axis=1).reshape((-1,) + real.shape[1:])
+    scores = d_apply(both, groups=2).reshape(-1, 2)
+    d_real, d_fake = scores[:, 0], scores[:, 1]
     real_term = jnp.mean(d_real) - drift * jnp.mean(jnp.square(d_real))
     gp = gradient_penalty(d_apply, real, fake, eps)
     loss = jnp.mean(d_fake) - real_term + gp_weight * gp

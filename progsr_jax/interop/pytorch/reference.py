@@ -158,7 +158,11 @@ def normalise_heatmaps(hm, ref):
 
 
 def train_iteration(G, D, vgg, fan, g_opt, d_opt, lr_img, hr_img, stage, alpha, weights):
-    """One official training iteration (G update, then D update on a fresh G(x))."""
+    """One official training iteration (G update, then D update on a fresh G(x)).
+
+    Returns the G and D losses as detached tensors on the inputs' device: nothing
+    waits for the device (``bench --torch`` times many iterations, one sync at the end).
+    """
     for p in D.parameters():
         p.requires_grad_(False)
     g_opt.zero_grad(set_to_none=True)
@@ -195,4 +199,4 @@ def train_iteration(G, D, vgg, fan, g_opt, d_opt, lr_img, hr_img, stage, alpha, 
     d_loss = fake_term - real_term + 10 * gp
     d_loss.backward()
     d_opt.step()
-    return float(loss), float(d_loss)
+    return loss.detach(), d_loss.detach()

@@ -133,10 +133,18 @@ def make_train_step(config, g: gan.Generator, d: gan.Discriminator, stage: int,
     the updated generator, as in the authors' code.  A non-finite loss or
     gradient norm leaves the state unchanged and is recorded in
     ``bad_step``/``bad_terms``; from then on updates are skipped.
+
+    Every network of the step (G, D, VGG and the FAN, whatever dtype
+    ``fan_module`` was made with) computes in ``g.dtype``; parameters,
+    BatchNorm statistics, the losses, the gradient penalty's input gradient
+    and norms and Adam stay float32.  No work is spent on gradients nobody
+    uses: the real images go through VGG and the FAN forward only, and the
+    critic scores the real and the fake images of its update in one call.
     """
     w = sr_config.loss_weights(config, stage)
     tx = make_optimizer(config)
     vgg_net = vgg.VGG16Features(dtype=g.dtype)
+    fan_net = None if fan_module is None else fan_module.clone(dtype=g.dtype)
     key0 = jax.random.PRNGKey(config.seed)
     pixel_kind = config.loss.pixel
     norm_mode = config.loss.heatmap_norm
@@ -148,8 +156,8 @@ def make_train_step(config, g: gan.Generator, d: gan.Discriminator, stage: int,
         lr, hr = batch["lr"], batch["hr"]
         key = jax.random.fold_in(key0, state.step)
 
-        def d_apply(params, x):
-            return d.apply({"params": params}, x, stage=stage, alpha=alpha)
+        def d_apply(params, x, groups=1):
+            return d.apply({"params": params}, x, stage=stage, alpha=alpha, groups=groups)
 
         def g_loss_fn(g_params):
             fake, upd = g.apply({"params": g_params, "batch_stats": state.g_stats}, lr,
@@ -158,14 +166,13 @@ def make_train_step(config, g: gan.Generator, d: gan.Discriminator, stage: int,
             terms["pixel"] = losses.pixel_loss(fake, hr, pixel_kind)
             if adv_on:
                 terms["adversarial"] = -jnp.mean(d_apply(state.d_params, fake))
-            if perc_on:
-                n = fake.shape[0]
-                feats = vgg_net.apply({"params": vgg_params},
-                                      jnp.concatenate([0.5 * fake + 0.5, 0.5 * hr + 0.5]))
+            if perc_on:  # two calls: the real features are targets (forward only)
+                feats_fake = vgg_net.apply({"params": vgg_params}, 0.5 * fake + 0.5)
+                feats_real = vgg_net.apply({"params": vgg_params}, 0.5 * hr + 0.5)
                 terms["perceptual"] = losses.perceptual_loss(
-                    [f[:n] for f in feats], [jax.lax.stop_gradient(f[n:]) for f in feats])
+                    feats_fake, [jax.lax.stop_gradient(f) for f in feats_real])
             if fan_on:
-                fan_apply = lambda x: fan_module.apply(fan_vars, x, train=False)  # noqa: E731
+                fan_apply = lambda x: fan_net.apply(fan_vars, x, train=False)  # noqa: E731
                 terms["heatmap"], terms["attention"] = losses.heatmap_and_attention_losses(
                     fan_apply, fake, hr, norm_mode)
             total = sum(w[t] * terms[t] for t in METRIC_TERMS if w[t] > 0)
@@ -187,8 +194,9 @@ def make_train_step(config, g: gan.Generator, d: gan.Discriminator, stage: int,
             eps = jax.random.uniform(key, (hr.shape[0], 1, 1, 1), jnp.float32)
 
             def d_loss_fn(d_params):
-                return losses.discriminator_loss(lambda x: d_apply(d_params, x), hr, fake, eps,
-                                                 config.loss.gp_weight, config.loss.drift)
+                return losses.discriminator_loss(
+                    lambda x, groups=1: d_apply(d_params, x, groups), hr, fake, eps,
+                    config.loss.gp_weight, config.loss.drift)
 
             (d_loss, d_aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.d_params)
             d_params, d_opt = _apply_groups(tx, d_grads, state.d_opt, state.d_params, D_GROUPS,
