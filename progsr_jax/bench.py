@@ -4,7 +4,7 @@
     python -m progsr_jax.bench --stage=3 --batch_size=4 --steps=5 --torch   # PyTorch eager
     python -m progsr_jax.bench --mode=inference --batch_size=64 --steps=20
     python -m progsr_jax.bench --mode=export --steps=5      # onnxruntime (CPU) vs JAX, batch 1, 64
-    python -m progsr_jax.bench --mode=data --degradation=real --steps=50   # degraded batches
+    python -m progsr_jax.bench --mode=data --degradation=real --steps=150 --workers=0,2
     python -m progsr_jax.bench --suite [--out=bench.jsonl]     # JAX vs PyTorch, stages 1-3
 
 Training mode times the real jitted iteration of ``progsr_jax.training.sr`` (G update
@@ -14,10 +14,14 @@ path, the most expensive), FAN weights random (speed does not depend on them).
 ``--torch`` times ``progsr_jax.interop.pytorch.reference.train_iteration``, the same
 iteration in PyTorch eager, on the same machine.  Prints one JSON line.
 
-``--mode=data`` times :func:`progsr_jax.data.get_batch` at stage 3 (batch
-``--batch_size``) on 256 built-in synthetic faces held in memory: the clean
-chain and inputs degraded on the fly with ``--degradation`` (a preset of
-:mod:`progsr_jax.data.degradation`) in 1 and in ``--threads`` threads.
+``--mode=data`` times the trainers' input pipeline
+(:class:`progsr_jax.data.InputPipeline`, batches on the host) on 256 built-in
+synthetic faces in a decode cache in a temporary folder: batches (of
+``--batch_size``) with inputs degraded on the fly with ``--degradation`` (a
+preset of :mod:`progsr_jax.data.degradation`) at stages 1 and 3, made by each
+number of worker processes in ``--workers`` (0: in-process), ``--steps``
+batches of each stage after a warm-up; and the clean chain in-process.  Prints
+one JSON line with images/s and each worker count's speed-up over 0.
 
 ``--suite`` runs JAX and PyTorch at stages 1-3 (batch ``--batch_size``) and
 the inference benchmark, each in its own process, then prints a table with
@@ -52,11 +56,11 @@ def define(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_enum("mode", "train", ["train", "inference", "export", "data"],
                       "What to time (export: onnxruntime vs JAX inference, batch 1 and 64; "
-                      "data: degraded stage-3 batches).", flag_values=fv)
+                      "data: the input pipeline's degraded batches).", flag_values=fv)
     flags.DEFINE_string("degradation", "real", "--mode=data: the degradation preset",
                         flag_values=fv)
-    flags.DEFINE_integer("threads", 0, "--mode=data: degradation threads (0: CPU cores, at "
-                         "most 4)", lower_bound=0, flag_values=fv)
+    flags.DEFINE_list("workers", None, "--mode=data: the worker process counts to time, e.g. "
+                      "0,2 (default: 0, 1, 2 and the CPU cores)", flag_values=fv)
     flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = default).", flag_values=fv)
     flags.DEFINE_bool("suite", False, "JAX vs PyTorch at stages 1-3 plus inference.",
                       flag_values=fv)
@@ -159,9 +163,44 @@ def bench_jax_train(stage, batch_size, steps, warmup, dtype, width, use_fan, d_w
     return out
 
 
-def bench_data(batch_size, steps, warmup, preset, threads):
-    """Images/s of stage-3 batches: clean, and degraded in 1 and in ``threads`` threads."""
+def _pipeline_rates(ds, spec, batch_size: int, steps: int, warmup: int, workers: int,
+                    stages: tuple[int, ...]) -> dict:
+    """Images/s of each stage's batches through one InputPipeline of ``workers`` workers.
+
+    The stages follow each other in one run of steps (one start of the workers):
+    ``warmup`` batches, then ``steps`` timed ones, per stage; the clock of a stage
+    starts at the batch before its first timed one (the warm-up also drains what the
+    workers made ahead of the previous stage).
+    """
+    from progsr_jax import data
+
+    warmup = max(1, warmup)
+    ends, end = [], 0
+    for stage in stages:
+        end += warmup + steps
+        ends.append((stage, end))
+    loader = data.BatchLoader(ds, batch_size, 0, ends, degradation=spec)
+    out = {}
+    t_start = time.perf_counter()
+    with data.InputPipeline(loader, 0, end, workers=workers) as batches:
+        begin = 0
+        for stage, stage_end in ends:
+            t0 = None
+            for step, _ in batches.until(stage_end):
+                if step == 0:
+                    out["startup_s"] = time.perf_counter() - t_start
+                if step == begin + warmup - 1:
+                    t0 = time.perf_counter()
+            out[f"stage{stage}_images_per_sec"] = steps * batch_size / (time.perf_counter() - t0)
+            begin = stage_end
+    return out
+
+
+def bench_data(batch_size, steps, warmup, preset, workers=None):
+    """Images/s of degraded stage-1 and stage-3 batches from ``workers`` processes each
+    (default 0, 1, 2 and the CPU cores), and of clean stage-3 batches in-process."""
     import os
+    import tempfile
 
     from progsr_jax import data
     from progsr_jax.data import degradation
@@ -169,30 +208,33 @@ def bench_data(batch_size, steps, warmup, preset, threads):
     spec = degradation.from_config(preset)
     if spec is None:
         raise UserError("--mode=data needs a --degradation preset other than 'none'")
-    threads = threads or min(4, os.cpu_count() or 1)
-    ds = data.build_dataset(dict(source="synthetic", num_synthetic=256, cache_dir=""),
-                            progress=False, log=lambda _: None)
-
-    def rate(**kw):
-        """(images per wall second, images per CPU second of this process)."""
-        for step in range(warmup):
-            data.get_batch(ds, step, batch_size, 0, 3, **kw)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for step in range(warmup, warmup + steps):
-            data.get_batch(ds, step, batch_size, 0, 3, **kw)
-        n = steps * batch_size
-        return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
-
-    clean, _ = rate()
-    one, one_cpu = rate(degradation=spec, threads=1)
-    out = {"mode": "data", "stage": 3, "batch_size": batch_size, "degradation": preset,
-           "clean_images_per_sec": clean, "degraded_images_per_sec_1_thread": one,
-           # contention-free estimate of one core's rate (CPU time, not wall time)
-           "degraded_images_per_cpu_sec": one_cpu}
-    if threads > 1:
-        out[f"degraded_images_per_sec_{threads}_threads"] = rate(degradation=spec,
-                                                                 threads=threads)[0]
-    out["cpu_count"] = os.cpu_count()
+    cores = os.cpu_count() or 1
+    counts = sorted(set([0, 1, 2, cores] if workers is None else workers))
+    if any(n < 0 for n in counts):
+        raise UserError(f"--workers must be counts >= 0, got {counts}")
+    with tempfile.TemporaryDirectory(prefix="progsr-bench-") as tmp:
+        ds = data.build_dataset(dict(source="synthetic", num_synthetic=256, cache_dir=tmp),
+                                progress=False, log=lambda _: None)
+        clean = _pipeline_rates(ds, None, batch_size, steps, warmup, 0, (3,))
+        results = []
+        for n in counts:
+            # Each worker's first batches, and what it makes ahead, are not timed.
+            row = {"workers": n, **_pipeline_rates(ds, spec, batch_size, steps,
+                                                   max(warmup, 2 * n + 2), n, (1, 3))}
+            print(f"# {n} worker{'s' if n != 1 else ''}: stage 1 "
+                  f"{row['stage1_images_per_sec']:.0f} images/s, stage 3 "
+                  f"{row['stage3_images_per_sec']:.0f} images/s "
+                  f"(first batch after {row['startup_s']:.1f} s)", flush=True)
+            results.append(row)
+    base = next((r for r in results if r["workers"] == 0), None)
+    out = {"mode": "data", "batch_size": batch_size, "steps": steps, "degradation": preset,
+           "clean_stage3_images_per_sec_in_process": clean["stage3_images_per_sec"],
+           "results": results, "cpu_count": cores}
+    if base is not None:
+        out["speedup_over_in_process"] = {
+            str(r["workers"]): {f"stage{k}": r[f"stage{k}_images_per_sec"]
+                                / base[f"stage{k}_images_per_sec"] for k in (1, 3)}
+            for r in results}
     try:
         out["load_average_1min"] = os.getloadavg()[0]
     except OSError:
@@ -424,7 +466,11 @@ def main(argv=None) -> int:
     elif fv.mode == "export":
         out = bench_export(fv.steps, fv.warmup, fv.width)
     elif fv.mode == "data":
-        out = bench_data(fv.batch_size, fv.steps, fv.warmup, fv.degradation, fv.threads)
+        try:
+            workers = None if fv.workers is None else [int(n) for n in fv.workers]
+        except ValueError:
+            raise UserError(f"--workers must be integers, got {','.join(fv.workers)}") from None
+        out = bench_data(fv.batch_size, fv.steps, fv.warmup, fv.degradation, workers)
     elif fv.mode == "inference":
         out = bench_jax_inference(fv.batch_size, fv.steps, fv.warmup, fv.dtype, fv.width)
     else:

@@ -12,7 +12,9 @@ The path of an image through the pipeline:
    for every file, in worker processes, into the memory-mapped
    :mod:`~progsr_jax.data.cache`.
 4. :mod:`~progsr_jax.data.batches` draws deterministic batches (a pure
-   function of ``(seed, step)``) and prefetches them to the devices.
+   function of ``(seed, step)``, degraded on the fly by
+   :mod:`~progsr_jax.data.degradation` if asked) and makes them ahead in
+   worker processes with grain (:class:`InputPipeline`), onto the devices.
 
 :mod:`~progsr_jax.data.teacher` reads the teacher heatmaps used to distil the
 landmark network; :mod:`~progsr_jax.data.loading` decodes a list of files in
@@ -20,8 +22,9 @@ threads for the commands (evaluate, infer) and checks their output folders.  The
 names below are the public API of the package.
 """
 
-from progsr_jax.data.batches import (Prefetcher, assemble, batch_indices, batch_loader, gather,
-                                     get_batch, local_rows, measure_throughput)
+from progsr_jax.data.batches import (BatchLoader, InputPipeline, WorkerDied, assemble,
+                                     batch_indices, gather, get_batch, local_rows,
+                                     measure_throughput, workers_for)
 from progsr_jax.data.cache import PREPROCESS_VERSION, Dataset
 from progsr_jax.data.files import IMAGE_EXTENSIONS, list_files
 from progsr_jax.data.images import (CELEBA_CROP, CROPS, RESOLUTIONS, BadImage, center_crop,
@@ -29,8 +32,9 @@ from progsr_jax.data.images import (CELEBA_CROP, CROPS, RESOLUTIONS, BadImage, c
 from progsr_jax.data.pipeline import SOURCES, build_dataset
 
 __all__ = [
-    "BadImage", "CELEBA_CROP", "CROPS", "Dataset", "IMAGE_EXTENSIONS", "PREPROCESS_VERSION",
-    "Prefetcher", "RESOLUTIONS", "SOURCES", "assemble", "batch_indices", "batch_loader",
-    "build_dataset", "center_crop", "gather", "get_batch", "list_files", "local_rows",
-    "measure_throughput", "open_image", "preprocess", "to_float", "to_uint8", "upscale",
+    "BadImage", "BatchLoader", "CELEBA_CROP", "CROPS", "Dataset", "IMAGE_EXTENSIONS",
+    "InputPipeline", "PREPROCESS_VERSION", "RESOLUTIONS", "SOURCES", "WorkerDied", "assemble",
+    "batch_indices", "build_dataset", "center_crop", "gather", "get_batch", "list_files",
+    "local_rows", "measure_throughput", "open_image", "preprocess", "to_float", "to_uint8",
+    "upscale", "workers_for",
 ]

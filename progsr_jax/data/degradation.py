@@ -29,19 +29,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from progsr_jax.data.degradation_spec import (BLUR_KINDS, FIELDS, HR_SIZE, LR_SIZE, PRESETS,
                                               RESIZE_MODES, Spec, check, config_fields,
-                                              describe, from_config, threads)
+                                              describe, from_config)
 
 __all__ = ["BLUR_KINDS", "FIELDS", "HR_SIZE", "LR_SIZE", "PRESETS", "RESIZE_MODES", "Plan", "Spec",
            "add_noise", "blur", "blur_separable", "check", "config_fields", "degrade",
-           "describe", "draw", "from_config", "gaussian_1d", "jpeg", "kernel", "resize",
-           "threads"]
+           "describe", "draw", "from_config", "gaussian_1d", "jpeg", "kernel", "resize"]
 
 #: Separates this module's random streams from the data order's.
 TAG = 0x5EED_DE6
@@ -137,7 +136,7 @@ def kernel(kind: str, sigma_x: float, sigma_y: float, theta: float, beta: float,
 def _cv2():
     import cv2
 
-    cv2.setNumThreads(1)  # batches are split over our own threads; results stay per image
+    cv2.setNumThreads(1)  # batches are spread over worker processes, one thread each
     return cv2
 
 
@@ -257,7 +256,7 @@ def _after_blur(img: np.ndarray, plan: Plan, rng: np.random.Generator) -> np.nda
     return img
 
 
-def _degrade_part(hr: np.ndarray, spec: Spec, seed: int, step: int,
+def _degrade(hr: np.ndarray, spec: Spec, seed: int, step: int,
                   positions: np.ndarray) -> np.ndarray:
     plans = [draw(spec, seed, step, int(p)) for p in positions]
     images = list(hr)
@@ -281,28 +280,15 @@ def _degrade_part(hr: np.ndarray, spec: Spec, seed: int, step: int,
     return lr
 
 
-_POOL: Any = None
-
-
-def _pool(threads: int):
-    global _POOL
-    from concurrent.futures import ThreadPoolExecutor
-
-    if _POOL is None or _POOL._max_workers < threads:  # noqa: SLF001 - our own pool
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="progsr-degrade")
-    return _POOL
-
-
 def degrade(hr: np.ndarray, spec: Spec, seed: int, step: int,
-            positions: Sequence[int] | None = None, threads: int = 1) -> np.ndarray:
+            positions: Sequence[int] | None = None) -> np.ndarray:
     """16x16 inputs degraded from 128x128 images: (B, 128, 128, 3) uint8 -> (B, 16, 16, 3) uint8.
 
     Image ``i`` gets :func:`draw` ``(spec, seed, step, positions[i])``
     (``positions`` default ``0..B-1``: the places in the global batch) and a
     noise stream of its own from the same numbers, so its result depends on
-    nothing else in the batch.  ``threads > 1`` splits the batch over that
-    many threads (OpenCV's filters, PIL's resizes and JPEG release the GIL); the
-    result is the same.
+    nothing else in the batch (the input pipeline makes batches in worker
+    processes, :class:`progsr_jax.data.InputPipeline`).
     """
     hr = np.asarray(hr)
     if hr.ndim != 4 or hr.shape[1:] != (HR_SIZE, HR_SIZE, 3) or hr.dtype != np.uint8:
@@ -312,10 +298,4 @@ def degrade(hr: np.ndarray, spec: Spec, seed: int, step: int,
     positions = np.arange(b) if positions is None else np.asarray(positions)
     if positions.shape != (b,):
         raise ValueError(f"positions must have shape ({b},), got {positions.shape}")
-    parts = max(1, min(int(threads), b))
-    if parts == 1:
-        return _degrade_part(hr, spec, seed, step, positions)
-    bounds = np.linspace(0, b, parts + 1).astype(int)
-    futures = [_pool(parts).submit(_degrade_part, hr[lo:hi], spec, seed, step, positions[lo:hi])
-               for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return np.concatenate([f.result() for f in futures])
+    return _degrade(hr, spec, seed, step, positions)

@@ -85,18 +85,9 @@ def config_fields(preset: str = "none"):
     placeholder = ml_collections.config_dict.placeholder
     c = ml_collections.ConfigDict()
     c.preset = preset
-    c.threads = 0  # threads that degrade a batch; 0: one per CPU core, at most 4
     for f in dataclasses.fields(Spec):
         c[f.name] = placeholder(tuple if isinstance(f.default, tuple) else float)
     return c
-
-
-def threads(data_cfg: Any) -> int:
-    """Threads for :func:`degrade` from ``data.degradation.threads`` (0: CPU cores, at most 4)."""
-    import os
-
-    n = int(_get(_get(data_cfg, "degradation"), "threads") or 0)
-    return n if n > 0 else min(4, os.cpu_count() or 1)
 
 
 def describe(cfg: Any) -> str:
