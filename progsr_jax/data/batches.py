@@ -214,9 +214,8 @@ def _cause(exit_code: int) -> str:
             name = signal.Signals(-exit_code).name
         except ValueError:
             name = f"signal {-exit_code}"
-        oom = " (the kernel's out-of-memory killer sends it)" if name == "SIGKILL" else ""
-        return f"killed by {name}{oom}"
-    return f"exit status {exit_code}"
+        return f"killed by {name}" + (": out of memory?" if name == "SIGKILL" else "")
+    return f"exit status {exit_code}: its error is printed above"
 
 
 def _exit_with(parent: int) -> None:
