@@ -4,7 +4,7 @@
     python -m progsr_jax.bench --stage=3 --batch_size=4 --steps=5 --torch   # PyTorch eager
     python -m progsr_jax.bench --mode=inference --batch_size=64 --steps=20
     python -m progsr_jax.bench --mode=export --steps=5      # onnxruntime (CPU) vs JAX, batch 1, 64
-    python -m progsr_jax.bench --mode=data --degradation=real --steps=150 --workers=0,2
+    python -m progsr_jax.bench --mode=data --degradation=real --steps=150 --repeats=3
     python -m progsr_jax.bench --suite [--out=bench.jsonl]     # JAX vs PyTorch, stages 1-3
 
 Training mode times the real jitted iteration of ``progsr_jax.training.sr`` (G update
@@ -20,8 +20,9 @@ synthetic faces in a decode cache in a temporary folder: batches (of
 ``--batch_size``) with inputs degraded on the fly with ``--degradation`` (a
 preset of :mod:`progsr_jax.data.degradation`) at stages 1 and 3, made by each
 number of worker processes in ``--workers`` (0: in-process), ``--steps``
-batches of each stage after a warm-up; and the clean chain in-process.  Prints
-one JSON line with images/s and each worker count's speed-up over 0.
+batches of each stage after a warm-up, in ``--repeats`` rounds (medians); and
+the clean chain in-process.  Prints one JSON line with images/s and each
+worker count's speed-up over 0.
 
 ``--suite`` runs JAX and PyTorch at stages 1-3 (batch ``--batch_size``) and
 the inference benchmark, each in its own process, then prints a table with
@@ -61,6 +62,8 @@ def define(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_list("workers", None, "--mode=data: the worker process counts to time, e.g. "
                       "0,2 (default: 0, 1, 2 and the CPU cores)", flag_values=fv)
+    flags.DEFINE_integer("repeats", 1, "--mode=data: rounds over the worker counts (the "
+                         "median is reported)", flag_values=fv)
     flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = default).", flag_values=fv)
     flags.DEFINE_bool("suite", False, "JAX vs PyTorch at stages 1-3 plus inference.",
                       flag_values=fv)
@@ -196,10 +199,15 @@ def _pipeline_rates(ds, spec, batch_size: int, steps: int, warmup: int, workers:
     return out
 
 
-def bench_data(batch_size, steps, warmup, preset, workers=None):
+def bench_data(batch_size, steps, warmup, preset, workers=None, repeats=1):
     """Images/s of degraded stage-1 and stage-3 batches from ``workers`` processes each
-    (default 0, 1, 2 and the CPU cores), and of clean stage-3 batches in-process."""
+    (default 0, 1, 2 and the CPU cores), and of clean stage-3 batches in-process.
+
+    The worker counts are timed in turn, ``repeats`` rounds; each figure is the median
+    of its rounds, so that a slow spell of a shared machine does not fall on one count.
+    """
     import os
+    import statistics
     import tempfile
 
     from progsr_jax import data
@@ -208,26 +216,36 @@ def bench_data(batch_size, steps, warmup, preset, workers=None):
     spec = degradation.from_config(preset)
     if spec is None:
         raise UserError("--mode=data needs a --degradation preset other than 'none'")
+    if repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
     cores = os.cpu_count() or 1
     counts = sorted(set([0, 1, 2, cores] if workers is None else workers))
     if any(n < 0 for n in counts):
         raise UserError(f"--workers must be counts >= 0, got {counts}")
+    samples: dict[int, list[dict]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory(prefix="progsr-bench-") as tmp:
         ds = data.build_dataset(dict(source="synthetic", num_synthetic=256, cache_dir=tmp),
                                 progress=False, log=lambda _: None)
         clean = _pipeline_rates(ds, None, batch_size, steps, warmup, 0, (3,))
-        results = []
-        for n in counts:
-            # Each worker's first batches, and what it makes ahead, are not timed.
-            row = {"workers": n, **_pipeline_rates(ds, spec, batch_size, steps,
-                                                   max(warmup, 2 * n + 2), n, (1, 3))}
-            print(f"# {n} worker{'s' if n != 1 else ''}: stage 1 "
-                  f"{row['stage1_images_per_sec']:.0f} images/s, stage 3 "
-                  f"{row['stage3_images_per_sec']:.0f} images/s "
-                  f"(first batch after {row['startup_s']:.1f} s)", flush=True)
-            results.append(row)
+        for _ in range(repeats):
+            for n in counts:
+                # Each worker's first batches, and what it makes ahead, are not timed.
+                samples[n].append(_pipeline_rates(ds, spec, batch_size, steps,
+                                                  max(warmup, 2 * n + 2), n, (1, 3)))
+    results = []
+    for n in counts:
+        row = {"workers": n}
+        for key in ("startup_s", "stage1_images_per_sec", "stage3_images_per_sec"):
+            row[key] = statistics.median(r[key] for r in samples[n])
+            if repeats > 1 and key != "startup_s":
+                row[key.replace("images", "all_images")] = [r[key] for r in samples[n]]
+        print(f"# {n} worker{'s' if n != 1 else ''}: stage 1 {row['stage1_images_per_sec']:.0f} "
+              f"images/s, stage 3 {row['stage3_images_per_sec']:.0f} images/s (first batch "
+              f"after {row['startup_s']:.1f} s)", flush=True)
+        results.append(row)
     base = next((r for r in results if r["workers"] == 0), None)
-    out = {"mode": "data", "batch_size": batch_size, "steps": steps, "degradation": preset,
+    out = {"mode": "data", "batch_size": batch_size, "steps": steps, "repeats": repeats,
+           "degradation": preset,
            "clean_stage3_images_per_sec_in_process": clean["stage3_images_per_sec"],
            "results": results, "cpu_count": cores}
     if base is not None:
@@ -470,7 +488,8 @@ def main(argv=None) -> int:
             workers = None if fv.workers is None else [int(n) for n in fv.workers]
         except ValueError:
             raise UserError(f"--workers must be integers, got {','.join(fv.workers)}") from None
-        out = bench_data(fv.batch_size, fv.steps, fv.warmup, fv.degradation, workers)
+        out = bench_data(fv.batch_size, fv.steps, fv.warmup, fv.degradation, workers,
+                         fv.repeats)
     elif fv.mode == "inference":
         out = bench_jax_inference(fv.batch_size, fv.steps, fv.warmup, fv.dtype, fv.width)
     else:

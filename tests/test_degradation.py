@@ -227,5 +227,9 @@ def test_bench_data_mode_reports_degraded_images_per_second():
             assert row[key] > 0, (row, key)
     speedup = out["speedup_over_in_process"]
     assert speedup["0"] == {"stage1": 1.0, "stage3": 1.0} and speedup["1"]["stage3"] > 0
+    rounds = bench.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", workers=[0],
+                              repeats=3)["results"][0]
+    assert len(rounds["stage3_all_images_per_sec"]) == 3
+    assert rounds["stage3_images_per_sec"] == sorted(rounds["stage3_all_images_per_sec"])[1]
     with pytest.raises(UserError, match="other than 'none'"):
         bench.bench_data(batch_size=4, steps=1, warmup=0, preset="none")
