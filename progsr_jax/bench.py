@@ -185,7 +185,7 @@ def _pipeline_rates(ds, spec, batch_size: int, steps: int, warmup: int, workers:
     loader = data.BatchLoader(ds, batch_size, 0, ends, degradation=spec)
     out = {}
     t_start = time.perf_counter()
-    with data.InputPipeline(loader, 0, end, workers=workers) as batches:
+    with data.InputPipeline(loader, 0, end, workers=workers, finish=loader.finish) as batches:
         begin = 0
         for stage, stage_end in ends:
             t0 = None

@@ -80,6 +80,11 @@ class Everything:
                           "file": getattr(images, "filename", None)}
         return out
 
+    def finish(self, batch):
+        """In the training process: the super-resolution batches made float."""
+        return {k: data.BatchLoader.finish(v) if k in self.loaders else v
+                for k, v in batch.items()}
+
 
 def _same(got: np.ndarray, want: np.ndarray) -> bool:
     got = np.asarray(got)
@@ -89,7 +94,8 @@ def _same(got: np.ndarray, want: np.ndarray) -> bool:
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_batches_are_the_landed_functions_byte_for_byte(faces, split, workers):
     first, bad = 4, 19
-    with data.InputPipeline(Everything(faces, split, bad), first, 30, workers=workers) as pipe:
+    load = Everything(faces, split, bad)
+    with data.InputPipeline(load, first, 30, workers=workers, finish=load.finish) as pipe:
         steps = []
         for step, got in pipe.until(bad):
             steps.append(step)
@@ -125,7 +131,10 @@ def test_loaders_cross_to_workers_by_path(faces, split):
         assert isinstance(again.images[r], np.memmap) and again.images[r].filename == a.filename
     for step in (0, 12):
         for key in ("lr", "hr"):
+            assert again(step)[key].dtype == np.uint8  # made float in the training process
             assert _same(again(step)[key], loader(step)[key])
+            assert _same(loader.finish(again(step))[key],
+                         data.get_batch(faces, step, 8, 2, _stage(step), slice(0, 4), REAL)[key])
 
     distill = distill_data.BatchLoader(split, 6, 1)
     blob = cloudpickle.dumps(distill)
@@ -146,7 +155,7 @@ def test_in_process_pipeline_on_devices_stages_and_early_close(faces):
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     loader = data.BatchLoader(faces, 4, 0, STAGES)
     before = {t.ident for t in threading.enumerate()}
-    with data.InputPipeline(loader, 8, 14, sharding=sharding) as pipe:
+    with data.InputPipeline(loader, 8, 14, finish=loader.finish, sharding=sharding) as pipe:
         stage1 = list(pipe.until(10))
         (s10, b10), = list(pipe.until(11))
     assert [s for s, _ in stage1] == [8, 9] and s10 == 10
@@ -166,7 +175,7 @@ def test_a_killed_worker_is_one_clear_error_and_leaves_nothing_behind(faces, pro
     me = os.getpid()
     before = set(processes.children(me))
     pipe = data.InputPipeline(data.BatchLoader(faces, 8, 0, 3, degradation=REAL), 0, 100_000,
-                              workers=2)
+                              workers=2)  # (uint8 batches: no finish needed here)
     workers = []
     try:
         for _ in range(3):

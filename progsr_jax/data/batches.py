@@ -91,12 +91,19 @@ def get_batch(ds: Dataset, step: int, batch_size: int, seed: int, stage: int,
     128x128 images now, image ``j`` of the global batch by ``(seed, step, j)``;
     without one they are the cached clean chain.
     """
-    return _make_batch(ds.images, len(ds), step, batch_size, seed, stage, rows, degradation)
+    return _floats(_make_batch(ds.images, len(ds), step, batch_size, seed, stage, rows,
+                               degradation))
+
+
+def _floats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A uint8 batch ``{'lr', 'hr'}`` in float32 ``[-1, 1]`` (:func:`to_float` of each)."""
+    return {k: to_float(v) for k, v in batch.items()}
 
 
 def _make_batch(images: dict[int, np.ndarray], num_examples: int, step: int, batch_size: int,
                 seed: int, stage: int, rows: slice | None,
                 degradation: degradation_lib.Spec | None) -> dict[str, np.ndarray]:
+    """:func:`get_batch` in uint8."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}")
     rows = rows or slice(None)
@@ -109,13 +116,16 @@ def _make_batch(images: dict[int, np.ndarray], num_examples: int, step: int, bat
         hr128 = hr if r == 128 else gather(images[128], idx)
         positions = np.arange(batch_size)[rows]  # places in the global batch
         lr = degradation_lib.degrade(hr128, degradation, seed, step, positions)
-    return {"lr": to_float(lr), "hr": to_float(hr)}
+    return {"lr": lr, "hr": hr}
 
 
 class BatchLoader:
-    """``step -> get_batch(ds, step, batch_size, seed, stage, rows, degradation)``.
+    """``step -> get_batch(ds, step, batch_size, seed, stage, rows, degradation)`` in uint8.
 
-    The element of the super-resolution trainer's :class:`InputPipeline`.
+    The element of the super-resolution trainer's :class:`InputPipeline`,
+    made float by :meth:`finish` in the training process: a quarter of the
+    bytes cross from a worker, and the result is :func:`get_batch`'s, byte
+    for byte.
     ``stages``: the stage of every step, an int or the run's schedule
     ``((stage, end_step), ...)`` (a step takes the first pair with ``step <
     end_step``), so that one pipeline, one set of workers, serves every stage
@@ -143,6 +153,9 @@ class BatchLoader:
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         return _make_batch(self.images, self.num_examples, step, self.batch_size, self.seed,
                            self.stage(step), self.rows, self.degradation)
+
+    #: ``batch -> batch`` in float32 ``[-1, 1]``: the :class:`InputPipeline`'s ``finish``.
+    finish = staticmethod(_floats)
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__, images=by_path(self.images))
@@ -251,15 +264,19 @@ class _Numbered:
         return step, self.load(step)
 
 
-class _OnDevice:
-    """``(step, batch) -> (step, assemble(batch, sharding))``."""
+class _Finish:
+    """``(step, batch) -> (step, batch finished and on the devices)``, in the training process."""
 
-    def __init__(self, sharding: Any):
-        self.sharding = sharding
+    def __init__(self, finish: Callable[[Any], Any] | None, sharding: Any):
+        self.finish, self.sharding = finish, sharding
 
     def __call__(self, item: tuple[int, Any]) -> tuple[int, Any]:
         step, batch = item
-        return step, assemble(batch, self.sharding)
+        if self.finish is not None:
+            batch = self.finish(batch)
+        if self.sharding is not None:
+            batch = assemble(batch, self.sharding)
+        return step, batch
 
 
 class InputPipeline:
@@ -277,9 +294,11 @@ class InputPipeline:
       decode cache's memory maps cross by path (:class:`BatchLoader`).
     * ``workers == 0``: in a background thread of this process.
 
-    With ``sharding`` (a ``jax.sharding.Sharding``) each batch is made a
-    global array with :func:`assemble` (nothing exchanged between processes)
-    in another background thread, which keeps ``buffer`` of them ready.
+    In another background thread of this process, which keeps ``buffer``
+    batches ready, ``finish(batch)`` (e.g. :meth:`BatchLoader.finish`: uint8
+    crosses from the workers, a quarter of float32's bytes) and, with ``sharding``
+    (a ``jax.sharding.Sharding``), :func:`assemble` make each batch a global
+    array (nothing exchanged between processes).
     Iterating yields ``(step, batch)``; :meth:`until` stops before a step.
     An exception in ``load`` is re-raised here with its type; a worker that
     dies raises :class:`WorkerDied`.  Use as a context manager or call
@@ -289,7 +308,8 @@ class InputPipeline:
     """
 
     def __init__(self, load: Callable[[int], Any], start_step: int, end_step: int, *,
-                 workers: int = 0, sharding: Any = None, buffer: int = 2):
+                 workers: int = 0, finish: Callable[[Any], Any] | None = None,
+                 sharding: Any = None, buffer: int = 2):
         # grain imports jax and orbax (about a second): only the trainers need it.
         import grain
 
@@ -309,8 +329,8 @@ class InputPipeline:
             ds = ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer),
                 worker_init_fn=functools.partial(_worker_init, parent=os.getpid()))
-        if sharding is not None:
-            ds = ds.map(_OnDevice(sharding))
+        if finish is not None or sharding is not None:
+            ds = ds.map(_Finish(finish, sharding))
         self._it = iter(grain.experimental.ThreadPrefetchIterDataset(
             ds, prefetch_buffer_size=buffer))
 

@@ -344,7 +344,8 @@ def _train(config, workdir: str, reporter) -> TrainState:
     with core.StopSignal() as stop, \
             reporter.progress(total, int(state.step), config.log_every) as bar, \
             data_lib.InputPipeline(loader, int(state.step), total, workers=workers,
-                                   sharding=shard.batch, buffer=config.data.prefetch) as batches:
+                                   finish=loader.finish, sharding=shard.batch,
+                                   buffer=config.data.prefetch) as batches:
         for stage, begin, end in schedule:
             if int(state.step) >= end:
                 continue
