@@ -202,8 +202,8 @@ def workers_for(setting: int, degraded: bool) -> int:
 
     ``-1`` (auto): none for clean batches (the cached chain is copied at tens of
     thousands of images/s in-process), half the CPU cores (at most
-    :data:`MAX_AUTO_WORKERS`, at least 1) for degraded ones, which cost a core about
-    a millisecond or two per image.  ``0``: in-process (a background thread).
+    :data:`MAX_AUTO_WORKERS`, at least 1) for degraded ones, which cost a core
+    0.7-2 ms per image (docs/data.md).  ``0``: in-process (a background thread).
     """
     setting = int(setting)
     if setting < -1:
