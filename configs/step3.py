@@ -141,12 +141,15 @@ def get_config(variant="paper"):
     c.data.tfds_manual_dir = placeholder(str)  # None: <data_dir>/downloads/manual
     c.data.split = "train"
     c.data.cache_dir = placeholder(str)
-    c.data.num_workers = -1  # -1: one per CPU core; 0: decode in-process
+    c.data.num_workers = -1  # decoding processes of the cache: -1: one per CPU core; 0: in-process
+    # Processes that make the training batches (grain, docs/data.md): -1: auto (none for
+    # clean inputs, half the CPU cores for degraded ones); 0: in-process.
+    c.data.workers = -1
     c.data.strict = False  # True: any unreadable image is an error instead of a skip
     c.data.min_size = 32
     c.data.max_images = placeholder(int)
     c.data.num_synthetic = 2048
-    c.data.prefetch = 2
+    c.data.prefetch = 2  # batches made ahead per worker, and ready on the devices
     # 16x16 inputs: 'none' = the paper's clean chain; 'mild' / 'real' = degraded on the
     # fly (module docstring); every field overrides the preset's value.
     c.data.degradation = degradation.config_fields("none")

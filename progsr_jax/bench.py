@@ -5,7 +5,7 @@
     python -m progsr_jax.bench --mode=inference --batch_size=64 --io=end_to_end
     python -m progsr_jax.bench --suite [--out=bench.jsonl]   # everything, JAX vs PyTorch
     python -m progsr_jax.bench --mode=export --steps=5      # onnxruntime (CPU) vs JAX, batch 1, 64
-    python -m progsr_jax.bench --mode=data --degradation=real --steps=50   # degraded batches
+    python -m progsr_jax.bench --mode=data --degradation=real --steps=150 --repeats=3
 
 What is timed.  ``--mode=train``: the real jitted iteration of
 ``progsr_jax.training.sr.trainer`` (G update with pixel, perceptual, adversarial,
@@ -23,7 +23,8 @@ measured two ways (``--io``):
   (:func:`progsr_jax.inference.batching.super_resolve`: uint8 converted on the device,
   copies overlapped with the work); JAX training takes host batches through
   the trainer's own input path (``to_float`` on the host and
-  :class:`progsr_jax.data.Prefetcher`).  PyTorch copies pinned uint8
+  :class:`progsr_jax.data.InputPipeline` putting batches on the devices in a
+  background thread).  PyTorch copies pinned uint8
   memory to the device without blocking, converts there, and (inference)
   copies the uint8 outputs back into pinned memory without blocking; one
   wait at the end.
@@ -53,10 +54,15 @@ measurement (also appended to ``--out``) and a table with the JAX / PyTorch
 ratios, the FLOPs, the fractions of peak, the memory and the time of the
 paper's 200k-iteration schedule.  ``tools/bench_gpu.sh`` runs it on one GPU.
 
-``--mode=data`` times :func:`progsr_jax.data.get_batch` at stage 3 (batch
-``--batch_size``) on 256 built-in synthetic faces held in memory: the clean
-chain and inputs degraded on the fly with ``--degradation`` (a preset of
-:mod:`progsr_jax.data.degradation`) in 1 and in ``--threads`` threads.
+``--mode=data`` times the trainers' input pipeline
+(:class:`progsr_jax.data.InputPipeline`, batches on the host) on 256 built-in
+synthetic faces in a decode cache in a temporary folder: batches (of
+``--batch_size``) with inputs degraded on the fly with ``--degradation`` (a
+preset of :mod:`progsr_jax.data.degradation`) at stages 1 and 3, made by each
+number of worker processes in ``--workers`` (0: in-process), ``--steps``
+batches of each stage after a warm-up, in ``--repeats`` rounds (medians); and
+the clean chain in-process.  Prints one JSON line with images/s and each
+worker count's speed-up over 0.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ import numpy as np
 from absl import flags
 
 from progsr_jax import cli, data, export
-from progsr_jax.data import degradation as degradation_lib
+from progsr_jax.data import degradation, writing
 from progsr_jax.errors import UserError
 from progsr_jax.inference import SuperResolver
 from progsr_jax.nets import gan, vgg
@@ -127,8 +133,10 @@ def define(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_string("degradation", "real", "--mode=data: the degradation preset",
                         flag_values=fv)
-    flags.DEFINE_integer("threads", 0, "--mode=data: degradation threads (0: CPU cores, at "
-                         "most 4)", lower_bound=0, flag_values=fv)
+    flags.DEFINE_list("workers", None, "--mode=data: the worker process counts to time, e.g. "
+                      "0,2 (default: 0, 1, 2 and the CPU cores)", flag_values=fv)
+    flags.DEFINE_integer("repeats", 1, "--mode=data: rounds over the worker counts (the "
+                         "median is reported)", flag_values=fv)
     flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = default).", flag_values=fv)
     flags.DEFINE_float("peak_tflops", None, "The device's peak TFLOP/s for the precision in "
                        "use (default: the table PEAK_TFLOPS).", flag_values=fv)
@@ -157,6 +165,21 @@ def _check(fv):
         raise UserError(f"--steps must be >= 1, got {fv.steps}")
     if fv.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {fv.warmup}")
+    for name in ("width", "d_width", "peak_tflops"):
+        if fv[name].value is not None and not fv[name].value > 0:
+            raise UserError(f"--{name} must be > 0, got {fv[name].value}")
+    if fv.timeout < 1:
+        raise UserError(f"--timeout must be >= 1 second, got {fv.timeout}")
+    if fv.torch_threads < 0:
+        raise UserError(f"--torch_threads must be >= 0 (0: default), got {fv.torch_threads}")
+    if fv.mode == "data" and degradation.from_config(fv.degradation) is None:
+        raise UserError("--mode=data needs a --degradation preset other than 'none'")
+    if fv.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {fv.repeats}")
+    if fv.out is not None:
+        if not fv.suite:
+            raise UserError("--out is only written by --suite")
+        writing.check_output_file(fv.out, "--out")
     if fv.suite or fv.suite_worker:
         stages, _, batches = _suite_lists(fv)
         if not stages or any(s not in (1, 2, 3) for s in stages):
@@ -336,9 +359,9 @@ class JaxTrain:
                                  jax.block_until_ready)
         else:
             # The trainer's input path: host batches made and put on the devices by the
-            # prefetch thread while the step runs.
-            with data.Prefetcher(self._host_batch, 0, warmup + steps,
-                                 sharding=self.shardings.batch) as batches:
+            # input pipeline's background thread while the step runs.
+            with data.InputPipeline(self._host_batch, 0, warmup + steps,
+                                    sharding=self.shardings.batch) as batches:
                 it = iter(batches)
                 dt, metrics = _timed(lambda i: self._step(next(it)[1]), steps, warmup,
                                      jax.block_until_ready)
@@ -599,35 +622,84 @@ class TorchInference(_TorchRow):
 # --------------------------------------------------------------------------- other modes
 
 
-def bench_data(batch_size, steps, warmup, preset, threads):
-    """Images/s of stage-3 batches: clean, and degraded in 1 and in ``threads`` threads."""
-    spec = degradation_lib.from_config(preset)
+def _pipeline_rates(ds, spec, batch_size: int, steps: int, warmup: int, workers: int,
+                    stages: tuple[int, ...]) -> dict:
+    """Images/s of each stage's batches through one InputPipeline of ``workers`` workers.
+
+    The stages follow each other in one run of steps (one start of the workers):
+    ``warmup`` batches, then ``steps`` timed ones, per stage; the clock of a stage
+    starts at the batch before its first timed one (the warm-up also drains what the
+    workers made ahead of the previous stage).
+    """
+    warmup = max(1, warmup)
+    ends, end = [], 0
+    for stage in stages:
+        end += warmup + steps
+        ends.append((stage, end))
+    loader = data.BatchLoader(ds, batch_size, 0, ends, degradation=spec)
+    out = {}
+    t_start = time.perf_counter()
+    with data.InputPipeline(loader, 0, end, workers=workers, finish=loader.finish) as batches:
+        begin = 0
+        for stage, stage_end in ends:
+            t0 = None
+            for step, _ in batches.until(stage_end):
+                if step == 0:
+                    out["startup_s"] = time.perf_counter() - t_start
+                if step == begin + warmup - 1:
+                    t0 = time.perf_counter()
+            out[f"stage{stage}_images_per_sec"] = steps * batch_size / (time.perf_counter() - t0)
+            begin = stage_end
+    return out
+
+
+def bench_data(batch_size, steps, warmup, preset, workers=None, repeats=1):
+    """Images/s of degraded stage-1 and stage-3 batches from ``workers`` processes each
+    (default 0, 1, 2 and the CPU cores), and of clean stage-3 batches in-process.
+
+    The worker counts are timed in turn, ``repeats`` rounds; each figure is the median
+    of its rounds, so that a slow spell of a shared machine does not fall on one count.
+    """
+    spec = degradation.from_config(preset)
     if spec is None:
         raise UserError("--mode=data needs a --degradation preset other than 'none'")
-    threads = threads or min(4, os.cpu_count() or 1)
-    ds = data.build_dataset(dict(source="synthetic", num_synthetic=256, cache_dir=""),
-                            progress=False, log=lambda _: None)
-
-    def rate(**kw):
-        """(images per wall second, images per CPU second of this process)."""
-        for step in range(warmup):
-            data.get_batch(ds, step, batch_size, 0, 3, **kw)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for step in range(warmup, warmup + steps):
-            data.get_batch(ds, step, batch_size, 0, 3, **kw)
-        n = steps * batch_size
-        return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
-
-    clean, _ = rate()
-    one, one_cpu = rate(degradation=spec, threads=1)
-    out = {"mode": "data", "stage": 3, "batch_size": batch_size, "degradation": preset,
-           "clean_images_per_sec": clean, "degraded_images_per_sec_1_thread": one,
-           # contention-free estimate of one core's rate (CPU time, not wall time)
-           "degraded_images_per_cpu_sec": one_cpu}
-    if threads > 1:
-        out[f"degraded_images_per_sec_{threads}_threads"] = rate(degradation=spec,
-                                                                 threads=threads)[0]
-    out["cpu_count"] = os.cpu_count()
+    if repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
+    cores = os.cpu_count() or 1
+    counts = sorted(set([0, 1, 2, cores] if workers is None else workers))
+    if any(n < 0 for n in counts):
+        raise UserError(f"--workers must be counts >= 0, got {counts}")
+    samples: dict[int, list[dict]] = {n: [] for n in counts}
+    with tempfile.TemporaryDirectory(prefix="progsr-bench-") as tmp:
+        ds = data.build_dataset(dict(source="synthetic", num_synthetic=256, cache_dir=tmp),
+                                progress=False, log=lambda _: None)
+        clean = _pipeline_rates(ds, None, batch_size, steps, warmup, 0, (3,))
+        for _ in range(repeats):
+            for n in counts:
+                # Each worker's first batches, and what it makes ahead, are not timed.
+                samples[n].append(_pipeline_rates(ds, spec, batch_size, steps,
+                                                  max(warmup, 2 * n + 2), n, (1, 3)))
+    results = []
+    for n in counts:
+        row = {"workers": n}
+        for key in ("startup_s", "stage1_images_per_sec", "stage3_images_per_sec"):
+            row[key] = statistics.median(r[key] for r in samples[n])
+            if repeats > 1 and key != "startup_s":
+                row[key.replace("images", "all_images")] = [r[key] for r in samples[n]]
+        print(f"# {n} worker{'s' if n != 1 else ''}: stage 1 {row['stage1_images_per_sec']:.0f} "
+              f"images/s, stage 3 {row['stage3_images_per_sec']:.0f} images/s (first batch "
+              f"after {row['startup_s']:.1f} s)", flush=True)
+        results.append(row)
+    base = next((r for r in results if r["workers"] == 0), None)
+    out = {"mode": "data", "batch_size": batch_size, "steps": steps, "repeats": repeats,
+           "degradation": preset,
+           "clean_stage3_images_per_sec_in_process": clean["stage3_images_per_sec"],
+           "results": results, "cpu_count": cores}
+    if base is not None:
+        out["speedup_over_in_process"] = {
+            str(r["workers"]): {f"stage{k}": r[f"stage{k}_images_per_sec"]
+                                / base[f"stage{k}_images_per_sec"] for k in (1, 3)}
+            for r in results}
     try:
         out["load_average_1min"] = os.getloadavg()[0]
     except OSError:
@@ -923,7 +995,12 @@ def main(argv=None) -> int:
     if fv.mode == "export":
         out = bench_export(fv.steps, fv.warmup, fv.width)
     elif fv.mode == "data":
-        out = bench_data(fv.batch_size, fv.steps, fv.warmup, fv.degradation, fv.threads)
+        try:
+            workers = None if fv.workers is None else [int(n) for n in fv.workers]
+        except ValueError:
+            raise UserError(f"--workers must be integers, got {','.join(fv.workers)}") from None
+        out = bench_data(fv.batch_size, fv.steps, fv.warmup, fv.degradation, workers,
+                         fv.repeats)
     else:
         out = measure_one(fv)
     out["host"] = platform.node()

@@ -155,6 +155,58 @@ def _write_teacher(directory, files, heatmaps, teacher_name="synthetic-random", 
         "chunk_size": n, "weights_sha256": teacher_name, "crop": crop, "split": "train"})
 
 
+def child_processes(pid: int) -> dict[int, str]:
+    """``{pid: command line}`` of the running children of process ``pid`` (Linux /proc)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != pid or fields[0] == "Z":  # (zombies are not running)
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                out[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):  # it ended while we looked
+            continue
+    return out
+
+
+def survivors(pids, timeout: float = 30.0) -> list[int]:
+    """The processes of ``pids`` still running (not ended, nor zombies) after up to
+    ``timeout`` seconds."""
+    import time
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.time() + timeout
+    while True:
+        left = [p for p in pids if running(p)]
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+class _Processes:
+    children = staticmethod(child_processes)
+    survivors = staticmethod(survivors)
+
+
+@pytest.fixture(scope="session")
+def processes():
+    """``processes.children(pid)`` (:func:`child_processes`) and ``processes.survivors(pids,
+    timeout)`` (:func:`survivors`); skips where Linux's /proc is absent."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux /proc to list child processes")
+    return _Processes
+
+
 @pytest.fixture(scope="session")
 def write_teacher():
     """``write_teacher(directory, files, heatmaps, teacher_name=..., crop=...)``: a teacher folder."""

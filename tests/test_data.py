@@ -342,40 +342,6 @@ def test_get_batch_is_stateless():
         data.get_batch(ds, 0, 2, 0, stage=4)
 
 
-def test_prefetcher_matches_get_batch_and_propagates_errors():
-    ds = small_dataset()
-    with data.Prefetcher(data.batch_loader(ds, 4, 5, stage=1), 3, 9) as pf:
-        got = list(pf)
-    assert [s for s, _ in got] == list(range(3, 9))
-    for s, batch in got:
-        ref = data.get_batch(ds, s, 4, 5, 1)
-        np.testing.assert_array_equal(batch["lr"], ref["lr"])
-        np.testing.assert_array_equal(batch["hr"], ref["hr"])
-
-    # Stopping early leaves no thread behind.
-    pf = data.Prefetcher(data.batch_loader(ds, 4, 5, stage=1), 0, 10_000, buffer=2)
-    for s, _ in pf:
-        if s == 2:
-            break
-    pf.close()
-    assert not pf._thread.is_alive()
-
-    broken = Dataset(files=ds.files, images={16: ds.images[16]}, landmarks=None, skipped=[])
-    with pytest.raises(KeyError):
-        with data.Prefetcher(data.batch_loader(broken, 4, 0, stage=3), 0, 5) as pf:
-            list(pf)
-
-
-def test_prefetcher_device_put():
-    jax = pytest.importorskip("jax")
-    ds = small_dataset()
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with data.Prefetcher(data.batch_loader(ds, 4, 0, stage=1), 0, 2, sharding=sharding) as pf:
-        (s0, b0), (s1, b1) = list(pf)
-    assert isinstance(b1["hr"], jax.Array) and b1["hr"].sharding == sharding
-    np.testing.assert_array_equal(np.asarray(b1["hr"]), data.get_batch(ds, 1, 4, 0, 1)["hr"])
-
-
 def test_measure_throughput_is_positive():
     assert data.measure_throughput(small_dataset(), batch_size=4, steps=3, stage=1) > 0
 

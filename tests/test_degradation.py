@@ -56,8 +56,7 @@ def test_deterministic_per_seed_step_and_position(faces, preset):
     a = deg.degrade(hr, spec, 7, 3)
     np.testing.assert_array_equal(a, deg.degrade(hr, spec, 7, 3))
     # An image's result depends on (seed, step, position) only, not on its batch
-    # neighbours or on how the batch is split over threads (or devices, hosts).
-    np.testing.assert_array_equal(a, deg.degrade(hr, spec, 7, 3, threads=3))
+    # neighbours or on how the batch is split over devices or hosts.
     for i in (0, 5, 11):
         np.testing.assert_array_equal(a[i], deg.degrade(hr[i:i + 1], spec, 7, 3, [i])[0])
     assert not np.array_equal(a, deg.degrade(hr, spec, 7, 4))
@@ -70,7 +69,7 @@ def test_deterministic_per_seed_step_and_position(faces, preset):
 def test_get_batch_degrades_from_the_128_image_at_batch_time(faces):
     spec = deg.from_config("real")
     for stage in (1, 3):
-        b = data.get_batch(faces, 2, 8, 1, stage, degradation=spec, threads=2)
+        b = data.get_batch(faces, 2, 8, 1, stage, degradation=spec)
         idx = data.batch_indices(len(faces), 8, 1, 2)
         want = deg.degrade(np.asarray(faces.images[128][idx]), spec, 1, 2)
         assert b["lr"].tobytes() == data.to_float(want).tobytes()
@@ -184,7 +183,8 @@ def test_second_pass_runs_and_stays_deterministic(faces):
     plans = [deg.draw(spec, 0, 0, i) for i in range(6)]
     assert all(p.second is not None and 32 <= p.mid <= 48 for p in plans)
     a = deg.degrade(hr, spec, 0, 0)
-    np.testing.assert_array_equal(a, deg.degrade(hr, spec, 0, 0, threads=2))
+    np.testing.assert_array_equal(a, deg.degrade(hr, spec, 0, 0))
+    np.testing.assert_array_equal(a[3:], deg.degrade(hr[3:], spec, 0, 0, [3, 4, 5]))
     assert a.shape == (6, 16, 16, 3)
 
 
@@ -217,9 +217,18 @@ def test_presets_and_overrides_from_the_command_line_config():
 
 
 def test_bench_data_mode_reports_degraded_images_per_second():
-    out = bench.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", threads=2)
-    for key in ("clean_images_per_sec", "degraded_images_per_sec_1_thread",
-                "degraded_images_per_cpu_sec", "degraded_images_per_sec_2_threads"):
-        assert out[key] > 0, key
+
+    out = bench.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", workers=[1, 0])
+    assert [r["workers"] for r in out["results"]] == [0, 1]
+    assert out["clean_stage3_images_per_sec_in_process"] > 0
+    for row in out["results"]:
+        for key in ("stage1_images_per_sec", "stage3_images_per_sec", "startup_s"):
+            assert row[key] > 0, (row, key)
+    speedup = out["speedup_over_in_process"]
+    assert speedup["0"] == {"stage1": 1.0, "stage3": 1.0} and speedup["1"]["stage3"] > 0
+    rounds = bench.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", workers=[0],
+                              repeats=3)["results"][0]
+    assert len(rounds["stage3_all_images_per_sec"]) == 3
+    assert rounds["stage3_images_per_sec"] == sorted(rounds["stage3_all_images_per_sec"])[1]
     with pytest.raises(UserError, match="other than 'none'"):
-        bench.bench_data(batch_size=4, steps=1, warmup=0, preset="none", threads=1)
+        bench.bench_data(batch_size=4, steps=1, warmup=0, preset="none")

@@ -122,8 +122,9 @@ def test_student_plugs_into_super_resolution_training(tmp_path, trained, tiny_co
 
 
 def test_resume_is_exact(tmp_path, trained):
-    """Stopped at 6 and resumed: the same weights, optimiser and EMA state, bit for bit, as
-    the uninterrupted run (the augmentation is drawn from (seed, step))."""
+    """Stopped at 6 and resumed (with its batches made by a worker process): the same
+    weights, optimiser and EMA state, bit for bit, as the uninterrupted run (the
+    augmentation is drawn from (seed, step))."""
     c, _, state = trained
     assert distill_augment.uses_augmentation(c) and c.augment.flip and distill_state.uses_ema(c)
     c = c.copy_and_resolve_references()
@@ -131,6 +132,7 @@ def test_resume_is_exact(tmp_path, trained):
     two = tmp_path / "two"
     half = distill.train_and_evaluate(c, str(two), stop_after=6)
     assert int(half.step) == 6 and fan_lib.load(two).meta["final"] is False
+    c.data.workers = 1  # the second half's batches from a worker process: the same, bit for bit
     resumed = distill.train_and_evaluate(c, str(two))  # the same command again
     assert int(resumed.step) == 12
     for a, b in zip(_leaves(state), _leaves(resumed)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,12 +28,19 @@ TINY = ["--config=configs/step3.py:smoke", "--config.model.width=0.0625",
         "--config.data.num_synthetic=16", "--config.data.num_workers=0"]
 
 
-# The same run with inputs degraded on the fly (issue 20): resume and N devices stay exact.
-DEGRADED = ("--config.data.degradation.preset=real", "--config.data.degradation.clean_prob=0.25")
+# The same run with inputs degraded on the fly (issue 20) by 2 worker processes (issue 27):
+# resume and N devices stay exact.
+DEGRADED = ("--config.data.degradation.preset=real", "--config.data.degradation.clean_prob=0.25",
+            "--config.data.workers=2")
+#: How a data worker process of a run shows in ``ps``.
+WORKER = "from multiprocessing.spawn import spawn_main"
 
 
-def _main(workdir, *extra, cache):
-    return [sys.executable, "-m", "progsr_jax.main", f"--workdir={workdir}", *TINY,
+def _main(workdir, *extra, cache, stage_steps=None):
+    tiny = TINY if stage_steps is None else [
+        a for a in TINY if not a.startswith("--config.stage_steps")] + [
+        f"--config.stage_steps={stage_steps}"]
+    return [sys.executable, "-m", "progsr_jax.main", f"--workdir={workdir}", *tiny,
             f"--config.data.cache_dir={cache}", *extra]
 
 
@@ -47,7 +55,7 @@ def _output(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), DEGRADED], ids=["clean", "degraded"])
-def test_sigkill_during_stage2_then_resume_equals_uninterrupted(tmp_path, extra):
+def test_sigkill_during_stage2_then_resume_equals_uninterrupted(tmp_path, extra, processes):
     cache = tmp_path / "cache"
     r = _run(_main(tmp_path / "full", *extra, cache=cache))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -73,10 +81,15 @@ def test_sigkill_during_stage2_then_resume_equals_uninterrupted(tmp_path, extra)
             time.sleep(0.05)
         else:
             pytest.fail("stage 2 never started")
+        children = processes.children(proc.pid)
         proc.send_signal(signal.SIGKILL)
     finally:
+        proc.kill()
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    # Its data workers end by themselves (nothing stopped them); so does the rest.
+    assert sum(WORKER in cmd for cmd in children.values()) == (2 if extra else 0), children
+    assert processes.survivors(children) == []
 
     r = _run(_main(work, *extra, cache=cache))  # the same command resumes
     assert r.returncode == 0, r.stderr[-2000:]
@@ -84,21 +97,78 @@ def test_sigkill_during_stage2_then_resume_equals_uninterrupted(tmp_path, extra)
     np.testing.assert_allclose(_output(work), _output(tmp_path / "full"), atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    work = tmp_path / "w"
-    proc = subprocess.Popen(_main(work, "--config.checkpoint_every=1000", cache=tmp_path / "c"),
-                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+def _start_and_wait_for(work, *extra, cache, records: int = 1, stage_steps=None):
+    """A run started in the background, once it has logged ``records`` metrics records."""
+    proc = subprocess.Popen(_main(work, *extra, cache=cache, stage_steps=stage_steps),
+                            cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = work / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if len(lines) >= records:
+                return proc
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended early: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.05)
+        pytest.fail(f"not {records} metrics records within 600 s")
+    except BaseException:
+        proc.kill()
+        proc.communicate(timeout=60)
+        raise
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, processes):
+    """SIGTERM (with 2 data workers running): a checkpoint, exit 0, no process left."""
+    work = tmp_path / "w"
+    proc = _start_and_wait_for(work, *DEGRADED, "--config.checkpoint_every=1000",
+                               cache=tmp_path / "c")
+    try:
+        children = processes.children(proc.pid)
+        assert sum(WORKER in cmd for cmd in children.values()) == 2, children
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
     assert "checkpoint saved" in err
     assert inference.load(str(work)).iteration is not None
+    assert processes.survivors(children) == []
+
+
+@pytest.mark.slow
+def test_a_killed_data_worker_ends_the_run_with_one_line_after_a_checkpoint(tmp_path, processes):
+    """A data worker killed (as by the out-of-memory killer): the run saves the iteration it
+    had done, ends with one error line naming the cause, and leaves no process behind."""
+    work = tmp_path / "w"
+    # Stage 1 long enough that the workers are still needed: they make only a few batches
+    # ahead of the train step.
+    proc = _start_and_wait_for(work, *DEGRADED, "--config.checkpoint_every=1000",
+                               cache=tmp_path / "c", records=2, stage_steps=(1000, 8, 4))
+    try:
+        children = processes.children(proc.pid)
+        workers = [pid for pid, cmd in children.items() if WORKER in cmd]
+        assert len(workers) == 2, children
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 2, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    # The batch the worker was writing into shared memory when it was killed is freed by
+    # multiprocessing's resource tracker when the run exits, which says so after our line
+    # ("resource_tracker: There appear to be N leaked shared_memory objects to clean up").
+    lines = [ln for ln in err.strip().splitlines()
+             if "resource_tracker" not in ln and "warnings.warn(" not in ln]
+    last = lines[-1]
+    assert last.startswith("error: a data worker process died (killed by SIGKILL"), last
+    done = int(re.search(r"checkpoint saved at iteration (\d+): re-run the same command", last)[1])
+    assert 2 <= done < 1000 and (work / "checkpoints" / str(done)).is_dir()
+    assert processes.survivors(children) == []
 
 
 def _image_folder(folder, n_good=40):
@@ -126,13 +196,15 @@ def _jpeg_bytes(img):
 
 @pytest.mark.slow
 def test_training_and_inference_on_a_folder_with_bad_files(tmp_path):
+    """Bad files are skipped (and named) when the cache is built; a data worker process
+    makes the batches of the rest."""
     bad = _image_folder(tmp_path / "faces")
     work = tmp_path / "w"
     tiny = [a for a in TINY if not a.startswith("--config.stage_steps")]
     r = _run([sys.executable, "-m", "progsr_jax.main", f"--workdir={work}", *tiny,
               "--config.final_stage=1", "--config.stage_steps=(2, 2, 2)",
               "--config.data.source=folder", f"--config.data.root={tmp_path / 'faces'}",
-              f"--config.data.cache_dir={tmp_path / 'cache'}"])
+              f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.workers=1"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped 4 of 48" in r.stderr, r.stderr[-3000:]
     for name in bad:

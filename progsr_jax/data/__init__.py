@@ -12,7 +12,9 @@ The path of an image through the pipeline:
    for every file, in worker processes, into the memory-mapped
    :mod:`~progsr_jax.data.cache`.
 4. :mod:`~progsr_jax.data.batches` draws deterministic batches (a pure
-   function of ``(seed, step)``) and prefetches them to the devices.
+   function of ``(seed, step)``, degraded on the fly by
+   :mod:`~progsr_jax.data.degradation` if asked) and makes them ahead in
+   worker processes with grain (:class:`InputPipeline`), onto the devices.
 
 :mod:`~progsr_jax.data.teacher` reads the teacher heatmaps used to distil the
 landmark network; :mod:`~progsr_jax.data.reading` decodes a list of files in
@@ -22,14 +24,16 @@ is created, atomically).  The names below are the public API of the package.
 """
 
 from progsr_jax.data.batches import (
-                                     Prefetcher,
+                                     BatchLoader,
+                                     InputPipeline,
+                                     WorkerDied,
                                      assemble,
                                      batch_indices,
-                                     batch_loader,
                                      gather,
                                      get_batch,
                                      local_rows,
                                      measure_throughput,
+                                     workers_for,
 )
 from progsr_jax.data.cache import PREPROCESS_VERSION, Dataset
 from progsr_jax.data.dataset import SOURCES, build_dataset
@@ -48,8 +52,9 @@ from progsr_jax.data.images import (
 from progsr_jax.data.splits import IMAGE_EXTENSIONS, list_files
 
 __all__ = [
-    "BadImage", "CELEBA_CROP", "CROPS", "Dataset", "IMAGE_EXTENSIONS", "PREPROCESS_VERSION",
-    "Prefetcher", "RESOLUTIONS", "SOURCES", "assemble", "batch_indices", "batch_loader",
-    "build_dataset", "center_crop", "gather", "get_batch", "list_files", "local_rows",
-    "measure_throughput", "open_image", "preprocess", "to_float", "to_uint8", "upscale",
+    "BadImage", "BatchLoader", "CELEBA_CROP", "CROPS", "Dataset", "IMAGE_EXTENSIONS",
+    "InputPipeline", "PREPROCESS_VERSION", "RESOLUTIONS", "SOURCES", "WorkerDied", "assemble",
+    "batch_indices", "build_dataset", "center_crop", "gather", "get_batch", "list_files",
+    "local_rows", "measure_throughput", "open_image", "preprocess", "to_float", "to_uint8",
+    "upscale", "workers_for",
 ]

@@ -6,6 +6,8 @@ names, skipped files, :data:`PREPROCESS_VERSION`) and, for synthetic faces,
 ``landmarks.npy``.  :class:`CacheWriter` fills a temporary folder and renames
 it into place when complete, so a killed run never leaves a half-written
 entry; :func:`open_cache` opens a finished one as read-only memory maps.
+:func:`by_path` / :func:`opened` let those maps cross to a worker process as
+their file names: the worker opens the cache, it does not receive a copy.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -52,6 +55,44 @@ class Dataset:
         return len(self.files)
 
 
+@dataclasses.dataclass(frozen=True)
+class MappedFile:
+    """A read-only memory map of a whole ``.npy`` file, named by its path.
+
+    What :func:`by_path` puts in place of such an array before it is pickled
+    for a worker process: pickling the array itself would copy its bytes
+    (numpy pickles a ``memmap`` as a plain array).
+    """
+
+    path: str
+    shape: tuple
+    dtype: str
+
+    def open(self) -> np.ndarray:
+        arr = np.load(self.path, mmap_mode="r")
+        if arr.shape != self.shape or arr.dtype.str != self.dtype:
+            raise RuntimeError(f"{self.path} changed since it was opened: {arr.dtype} "
+                               f"{arr.shape}, expected {self.dtype} {self.shape}")
+        return arr
+
+
+def by_path(tree: Any) -> Any:
+    """``tree`` (an array, or a dict of them) with every read-only memory map of a whole
+    ``.npy`` file replaced by its :class:`MappedFile`; other values as they are (an
+    array in memory is pickled by value).  :func:`opened` undoes it."""
+    if isinstance(tree, dict):
+        return {k: by_path(v) for k, v in tree.items()}
+    if (isinstance(tree, np.memmap) and isinstance(tree.base, mmap.mmap)
+            and tree.mode == "r" and tree.filename and tree.filename.endswith(".npy")):
+        return MappedFile(tree.filename, tuple(tree.shape), tree.dtype.str)
+    return tree
+
+
+def opened(tree: Any) -> Any:
+    """The inverse of :func:`by_path`: each :class:`MappedFile` opened (memory-mapped)."""
+    if isinstance(tree, dict):
+        return {k: opened(v) for k, v in tree.items()}
+    return tree.open() if isinstance(tree, MappedFile) else tree
 
 
 def default_cache_dir() -> str:

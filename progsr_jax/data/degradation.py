@@ -35,8 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -124,16 +122,9 @@ def config_fields(preset: str = "none"):
     placeholder = ml_collections.config_dict.placeholder
     c = ml_collections.ConfigDict()
     c.preset = preset
-    c.threads = 0  # threads that degrade a batch; 0: one per CPU core, at most 4
     for f in dataclasses.fields(Spec):
         c[f.name] = placeholder(tuple if isinstance(f.default, tuple) else float)
     return c
-
-
-def threads(data_cfg: Any) -> int:
-    """Threads for :func:`degrade` from ``data.degradation.threads`` (0: CPU cores, at most 4)."""
-    n = int(_get(_get(data_cfg, "degradation"), "threads") or 0)
-    return n if n > 0 else min(4, os.cpu_count() or 1)
 
 
 def describe(cfg: Any) -> str:
@@ -300,7 +291,7 @@ def kernel(kind: str, sigma_x: float, sigma_y: float, theta: float, beta: float,
 
 @functools.lru_cache(maxsize=1)
 def _cv2():
-    cv2.setNumThreads(1)  # batches are split over our own threads; results stay per image
+    cv2.setNumThreads(1)  # batches are spread over worker processes, one thread each
     return cv2
 
 
@@ -420,8 +411,8 @@ def _after_blur(img: np.ndarray, plan: Plan, rng: np.random.Generator) -> np.nda
     return img
 
 
-def _degrade_part(hr: np.ndarray, spec: Spec, seed: int, step: int,
-                  positions: np.ndarray) -> np.ndarray:
+def _degrade(hr: np.ndarray, spec: Spec, seed: int, step: int,
+             positions: np.ndarray) -> np.ndarray:
     plans = [draw(spec, seed, step, int(p)) for p in positions]
     images = list(hr)
     radius = max(1, min(MAX_RADIUS, int(math.ceil(3 * spec.max_sigma))))
@@ -444,26 +435,15 @@ def _degrade_part(hr: np.ndarray, spec: Spec, seed: int, step: int,
     return lr
 
 
-_POOL: Any = None
-
-
-def _pool(threads: int):
-    global _POOL
-    if _POOL is None or _POOL._max_workers < threads:  # noqa: SLF001 - our own pool
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="progsr-degrade")
-    return _POOL
-
-
 def degrade(hr: np.ndarray, spec: Spec, seed: int, step: int,
-            positions: Sequence[int] | None = None, threads: int = 1) -> np.ndarray:
+            positions: Sequence[int] | None = None) -> np.ndarray:
     """16x16 inputs degraded from 128x128 images: (B, 128, 128, 3) uint8 -> (B, 16, 16, 3) uint8.
 
     Image ``i`` gets :func:`draw` ``(spec, seed, step, positions[i])``
     (``positions`` default ``0..B-1``: the places in the global batch) and a
     noise stream of its own from the same numbers, so its result depends on
-    nothing else in the batch.  ``threads > 1`` splits the batch over that
-    many threads (OpenCV's filters, PIL's resizes and JPEG release the GIL); the
-    result is the same.
+    nothing else in the batch (the input pipeline makes batches in worker
+    processes, :class:`progsr_jax.data.InputPipeline`).
     """
     hr = np.asarray(hr)
     if hr.ndim != 4 or hr.shape[1:] != (HR_SIZE, HR_SIZE, 3) or hr.dtype != np.uint8:
@@ -473,10 +453,4 @@ def degrade(hr: np.ndarray, spec: Spec, seed: int, step: int,
     positions = np.arange(b) if positions is None else np.asarray(positions)
     if positions.shape != (b,):
         raise ValueError(f"positions must have shape ({b},), got {positions.shape}")
-    parts = max(1, min(int(threads), b))
-    if parts == 1:
-        return _degrade_part(hr, spec, seed, step, positions)
-    bounds = np.linspace(0, b, parts + 1).astype(int)
-    futures = [_pool(parts).submit(_degrade_part, hr[lo:hi], spec, seed, step, positions[lo:hi])
-               for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return np.concatenate([f.result() for f in futures])
+    return _degrade(hr, spec, seed, step, positions)

@@ -125,6 +125,11 @@ class TeacherHeatmaps:
             self._scale = np.load(os.path.join(directory, SCALE_FILE), mmap_mode="r")
         self._index = None
 
+    def __reduce__(self):
+        """Pickled as its folder: a worker process opens the heatmaps (memory-mapped), it
+        does not receive a copy of them."""
+        return TeacherHeatmaps, (self.directory, not self.complete)
+
     def __len__(self) -> int:
         return len(self.files)
 

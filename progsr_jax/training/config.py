@@ -160,6 +160,12 @@ class Checks:
                       f"--config.{name} to a multiple of {num_devices} (e.g. {fit} or "
                       f"{fit + num_devices})")
 
+    def workers(self, name: str = "data.workers") -> None:
+        """The input pipeline's worker processes: an integer >= 0, or -1 (auto)."""
+        v = self.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < -1:
+            self.fail(f"{name} must be an integer >= 0 (0: in-process) or -1 (auto), got {v!r}")
+
     def data_source(self, sources: Iterable[str],
                     need_root: Iterable[str] = ("celeba", "folder")) -> None:
         """``data.source`` is known; the sources in ``need_root`` need ``data.root``."""

@@ -8,9 +8,11 @@
 * :func:`nonfinite_bits` / :func:`keep_if_finite`: the in-graph non-finite
   check: a step whose loss or gradient norm is not finite leaves the state
   as it was, and says which terms were bad.
-* :func:`train_loop`: the loop itself: steps from a prefetcher, metrics
-  averaged over each log window (with images/s), hooks after every step, a
-  checkpoint every ``checkpoint_every`` steps, at the end and on a signal.
+* :func:`train_loop`: the loop itself: steps from the input pipeline
+  (:class:`progsr_jax.data.InputPipeline`), metrics averaged over each log
+  window (with images/s), hooks after every step, a checkpoint every
+  ``checkpoint_every`` steps, at the end, on a signal and before a data
+  worker's death ends the run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from progsr_jax.data import WorkerDied
 from progsr_jax.errors import UserError
 from progsr_jax.training import distributed
 
@@ -148,13 +151,35 @@ def train_loop(state, step_fn: Callable, batches: Iterable, *, end: int, batch_s
     Metrics stay on the device until a log step.  On a signal the loop saves
     a checkpoint and exits the process with status 0 (re-running the same
     command resumes); with several processes at the first log step after
-    the signal, on all processes (:meth:`StopSignal.agreed`).
+    the signal, on all processes (:meth:`StopSignal.agreed`).  A data worker
+    process that dies (:class:`progsr_jax.data.WorkerDied`) ends the run with
+    a UserError naming the cause, after a checkpoint of the last iteration
+    done (one process; with several, a lone checkpoint would wait for the
+    others: the run resumes from the last regular one).
     """
     pending, t_last, n_last = [], time.time(), None
-    for step, batch in batches:
+    done = saved = None
+    batches = iter(batches)
+    while True:
+        try:
+            step, batch = next(batches)
+        except StopIteration:
+            return state
+        except WorkerDied as e:
+            if stop.signal is not None and jax.process_count() == 1:
+                # Ctrl-C reached a worker before it could ignore it: the stop asked for.
+                _save_once(hooks, state, done, saved)
+                info(f"stopped by signal {stop.signal}; checkpoint saved, re-run the same "
+                     "command to resume")
+                raise SystemExit(0) from None
+            where = "the run resumes from its last checkpoint"
+            if jax.process_count() == 1 and _save_once(hooks, state, done, saved):
+                where = f"checkpoint saved at iteration {done}"
+            raise UserError(f"{e}; {where}: re-run the same command to resume") from None
         if n_last is None:
             n_last = step
         state, metrics = step_fn(state, step, batch)
+        del batch  # its host buffers (shared memory from a worker) go now
         pending.append(metrics)
         done = step + 1
         last = done == end
@@ -172,9 +197,20 @@ def train_loop(state, step_fn: Callable, batches: Iterable, *, end: int, batch_s
         if done % checkpoint_every == 0 or last or stopping:
             hooks.check(state)
             hooks.save(done, state)
+            saved = done
         if stopping:
             cause = f"signal {stop.signal}" if stop.signal else "a signal to another process"
             info(f"stopped by {cause} at iteration {done}; checkpoint saved, "
                  "re-run the same command to resume")
             raise SystemExit(0)
-    return state
+
+
+def _save_once(hooks: Hooks, state, done: int | None, saved: int | None) -> bool:
+    """Saves iteration ``done`` unless nothing was done or it is saved already; whether
+    a checkpoint of ``done`` exists now."""
+    if done is None:
+        return False
+    if done != saved:
+        hooks.check(state)
+        hooks.save(done, state)
+    return True

@@ -37,6 +37,7 @@ def validate(config, num_devices: int = 1) -> None:
     # Teacher heatmaps are matched to images by file name, which TFDS does not keep:
     # CelebA needs its folder here.
     c.data_source(SOURCES)
+    c.workers()
     if not config.val.teacher_heatmaps:
         c.in_range("val.fraction", 0, 1)
     sizes = tuple(config.val.sizes)

@@ -23,6 +23,7 @@ import numpy as np
 
 from progsr_jax import data as data_lib
 from progsr_jax.data import teacher as teacher_lib
+from progsr_jax.data.cache import by_path, opened
 from progsr_jax.errors import UserError
 from progsr_jax.training import config as config_files
 from progsr_jax.training import distributed
@@ -133,12 +134,31 @@ def load_splits(config, info=print, need_train: bool = True) -> tuple[Split | No
     return train_split, val_split
 
 
-def batch_loader(split: Split, batch_size: int, seed: int, rows: slice | None = None):
+class BatchLoader:
     """``step -> (images, teacher heatmaps)`` of batch ``step`` (the order of
-    :func:`progsr_jax.data.batch_indices`), the loader the prefetcher runs;
-    ``rows``: only these rows of it (this process's, :func:`progsr_jax.data.local_rows`)."""
-    def load(step: int):
-        idx = data_lib.batch_indices(len(split), batch_size, seed, step)[rows or slice(None)]
-        return split.inputs(idx), split.targets(idx)
+    :func:`progsr_jax.data.batch_indices`): the element of the distillation's
+    :class:`progsr_jax.data.InputPipeline`; ``rows``: only these rows of it
+    (this process's, :func:`progsr_jax.data.local_rows`).
 
-    return load
+    Pickled for a worker process with the 64x64 images' memory map by path
+    and the teacher folder by name: the worker opens both, it receives no
+    copy of them (nor the file names, which batches do not need).
+    """
+
+    def __init__(self, split: Split, batch_size: int, seed: int, rows: slice | None = None):
+        self.split = split
+        self.batch_size, self.seed, self.rows = int(batch_size), int(seed), rows
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = data_lib.batch_indices(len(self.split), self.batch_size, self.seed,
+                                     step)[self.rows or slice(None)]
+        return self.split.inputs(idx), self.split.targets(idx)
+
+    def __getstate__(self) -> dict:
+        split = dataclasses.replace(self.split, files=[],
+                                    images=by_path({64: self.split.images[64]}))
+        return dict(self.__dict__, split=split)
+
+    def __setstate__(self, state: dict) -> None:
+        split = state["split"]
+        self.__dict__.update(state, split=dataclasses.replace(split, images=opened(split.images)))

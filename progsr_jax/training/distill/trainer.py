@@ -193,12 +193,14 @@ def _distill(config, workdir: str, reporter, stop_after: int | None,
 
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     step0 = int(state.step)
-    loader = distill_data.batch_loader(train_split, config.batch_size, config.seed,
-                                       rows=data_lib.local_rows(shard.batch, config.batch_size))
+    loader = distill_data.BatchLoader(train_split, config.batch_size, config.seed,
+                                      rows=data_lib.local_rows(shard.batch, config.batch_size))
+    workers = data_lib.workers_for(config.data.workers, degraded=False)
     started()
     with core.StopSignal() as stop, \
             reporter.progress(config.steps, step0, config.log_every) as bar, \
-            data_lib.Prefetcher(loader, step0, end, sharding=shard.batch, buffer=1) as batches:
+            data_lib.InputPipeline(loader, step0, end, workers=workers, sharding=shard.batch,
+                                   buffer=1) as batches:
         try:
             state = core.train_loop(
                 state, lambda s, step, batch: jitted(s, *batch), batches, end=end,

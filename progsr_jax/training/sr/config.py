@@ -47,6 +47,8 @@ def validate(config, num_devices: int = 1) -> None:
         c.non_negative(*(f"loss.stage{k}.{t}" for t in LOSS_TERMS))
     c.data_source(SOURCES, need_root=("folder",))  # celeba without a root: through TFDS
     degradation.from_config(config.data.get("degradation"))  # UserError for a bad value
+    c.workers()
+    c.positive_int("data.prefetch")
     c.positive_int("log_every", "checkpoint_every", "sample_every", "eval_every",
                    "keep_checkpoints", "val.batch_size")
     if not isinstance(config.val.num_images, int) or config.val.num_images < 0:

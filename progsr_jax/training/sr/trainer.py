@@ -351,8 +351,19 @@ def _train(config, workdir: str, reporter, started: Callable[[], None] = lambda:
                         bicubic=f"{values['val_psnr_bicubic']:.2f}")
 
     started()
+    loader = data_lib.BatchLoader(ds, config.batch_size, config.seed,
+                                  [(stage, end) for stage, _, end in schedule],
+                                  rows=data_lib.local_rows(shard.batch, config.batch_size),
+                                  degradation=degradation)
+    workers = data_lib.workers_for(config.data.workers, degradation is not None)
+    if workers and int(state.step) < total:
+        reporter.info(f"data: batches made by {workers} worker process"
+                      f"{'es' if workers > 1 else ''} (data.workers)")
     with core.StopSignal() as stop, \
-            reporter.progress(total, int(state.step), config.log_every) as bar:
+            reporter.progress(total, int(state.step), config.log_every) as bar, \
+            data_lib.InputPipeline(loader, int(state.step), total, workers=workers,
+                                   finish=loader.finish, sharding=shard.batch,
+                                   buffer=config.data.prefetch) as batches:
         for stage, begin, end in schedule:
             if int(state.step) >= end:
                 continue
@@ -389,18 +400,11 @@ def _train(config, workdir: str, reporter, started: Callable[[], None] = lambda:
                 alpha = alpha_at(config, stage, done - 1 - begin)
                 resume.save(manager, state, done, _meta(config, stage, alpha, done - begin))
 
-            loader = data_lib.batch_loader(ds, config.batch_size, config.seed, stage,
-                                           rows=data_lib.local_rows(shard.batch,
-                                                                    config.batch_size),
-                                           degradation=degradation,
-                                           threads=degradation_lib.threads(config.data))
-            with data_lib.Prefetcher(loader, int(state.step), end, sharding=shard.batch,
-                                     buffer=config.data.prefetch) as batches:
-                state = core.train_loop(
-                    state, step_fn, batches, end=end, batch_size=config.batch_size,
-                    log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-                    hooks=core.Hooks(log=log, save=save, check=check, after_step=after_step),
-                    stop=stop, bar=bar, info=reporter.info)
+            state = core.train_loop(
+                state, step_fn, batches.until(end), end=end, batch_size=config.batch_size,
+                log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                hooks=core.Hooks(log=log, save=save, check=check, after_step=after_step),
+                stop=stop, bar=bar, info=reporter.info)
     manager.wait_until_finished()
     reporter.info(f"finished {total} iterations in {time.time() - start_time:.0f} s")
     return state
