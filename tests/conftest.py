@@ -17,9 +17,11 @@ import pytest
 
 from progsr_jax import data
 from progsr_jax.data import teacher
+from progsr_jax.errors import UserError
 from progsr_jax.inference import checkpoints as checkpoint
 from progsr_jax.nets import gan
 from progsr_jax.nets.fan import StudentFAN
+from progsr_jax.photo import mtcnn
 from progsr_jax.training import config as config_files
 from progsr_jax.training.distill import state as distill_state
 
@@ -58,6 +60,15 @@ def faces68_root() -> pathlib.Path:
 def distilled_fan_file() -> pathlib.Path:
     return _need(SHARED / "weights" / "distilled_fan" / "compressed_model_011000.pth",
                  "released distilled FAN weights")
+
+
+@pytest.fixture(scope="session")
+def mtcnn_weights() -> pathlib.Path:
+    """MTCNN's weights folder (from facenet-pytorch's wheel), or skip with the install command."""
+    try:
+        return mtcnn.weights_dir()
+    except UserError as e:
+        pytest.skip(f"MTCNN weights not installed ({mtcnn.PIP_COMMAND}): {e}")
 
 
 def _tiny_sr_config(**overrides):

@@ -34,4 +34,4 @@ python -m pip install -q --no-deps face-alignment==1.5.0 \
 
 export PROGSR_SHARED="${PROGSR_SHARED:-$(cd .. && pwd)/shared}"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider --durations=30 "$@"

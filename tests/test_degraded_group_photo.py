@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from progsr_jax.errors import UserError, run_cli
-from progsr_jax.photo import mtcnn
+from progsr_jax.errors import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +19,9 @@ def tool(tool_module):
     return tool_module("degraded_group_photo")
 
 
-@pytest.fixture(scope="module")
-def weights():
-    try:
-        return mtcnn.weights_dir()
-    except UserError as e:
-        pytest.skip(f"MTCNN weights not installed ({mtcnn.PIP_COMMAND}): {e}")
 
 
-def test_writes_the_jpeg_and_the_comparison(tool, weights, shared_dir, tiny_checkpoint, tmp_path,
+def test_writes_the_jpeg_and_the_comparison(tool, mtcnn_weights, shared_dir, tiny_checkpoint, tmp_path,
                                             capsys):
     out = tmp_path / "docs" / "group.png"
     assert tool.main(["tool", f"--checkpoint=tiny={tiny_checkpoint}", f"--output={out}",
@@ -71,7 +64,7 @@ def test_bad_checkpoint_is_one_line(tool, tmp_path, capsys, value, message):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_an_unloadable_checkpoint_is_one_line(tool, weights, shared_dir, tmp_path, capsys):
+def test_an_unloadable_checkpoint_is_one_line(tool, mtcnn_weights, shared_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SystemExit) as e:

@@ -38,17 +38,11 @@ N_SAMPLE = 50
 # Fixtures
 
 
-@pytest.fixture(scope="module")
-def weights() -> pathlib.Path:
-    try:
-        return mtcnn.weights_dir()
-    except UserError as e:
-        pytest.skip(f"MTCNN weights not installed ({mtcnn.PIP_COMMAND}): {e}")
 
 
 @pytest.fixture(scope="module")
-def detector(weights) -> detection.Detector:
-    return detection.Detector(weights)
+def detector(mtcnn_weights) -> detection.Detector:
+    return detection.Detector(mtcnn_weights)
 
 
 def _celeba_files(root: pathlib.Path, partition: str) -> list[pathlib.Path]:
@@ -133,7 +127,7 @@ def test_state_dict_mapping_is_strict():
         mtcnn.variables_from_state_dict("rnet", sd)
 
 
-def test_inference_imports_neither_torch_nor_facenet(weights, tmp_path):
+def test_inference_imports_neither_torch_nor_facenet(mtcnn_weights, tmp_path):
     """Loading the weights and detecting run in a process that never imports torch."""
     code = (
         "import sys, numpy as np\n"
@@ -151,12 +145,12 @@ def test_inference_imports_neither_torch_nor_facenet(weights, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def torch_nets(weights):
+def torch_nets(mtcnn_weights):
     torch = pytest.importorskip("torch")
     from progsr_jax.interop.pytorch import mtcnn as torch_mtcnn
 
     torch.set_num_threads(2)
-    return {n: torch_mtcnn.load(n, load_torch_file(weights / f"{n}.pt")) for n in mtcnn.NET_NAMES}
+    return {n: torch_mtcnn.load(n, load_torch_file(mtcnn_weights / f"{n}.pt")) for n in mtcnn.NET_NAMES}
 
 
 def test_area_resize_matches_torch():
@@ -621,7 +615,7 @@ def test_restore_with_a_loaded_checkpoint(detector, group, tiny_checkpoint):
     np.testing.assert_array_equal(faces[0].sr, expected)
 
 
-def test_infer_photo_mode_end_to_end(tmp_path, weights, group, celeba_val, tiny_checkpoint, capsys):
+def test_infer_photo_mode_end_to_end(tmp_path, mtcnn_weights, group, celeba_val, tiny_checkpoint, capsys):
     """Folder of photos through the command: files, faces.json, bicubic outside the masks, skips."""
     src = tmp_path / "photos"
     (src / "sub").mkdir(parents=True)
@@ -637,7 +631,7 @@ def test_infer_photo_mode_end_to_end(tmp_path, weights, group, celeba_val, tiny_
     (src / "truncated.jpg").write_bytes(good.read_bytes()[:2000])
     out = tmp_path / "out"
     argv = ["infer", "--mode=photo", f"--checkpoint={tiny_checkpoint}", f"--input={src}",
-            f"--output={out}", "--upscale=2", "--noprogress", f"--detector_weights={weights}",
+            f"--output={out}", "--upscale=2", "--noprogress", f"--detector_weights={mtcnn_weights}",
             "--max_face=0"]  # these faces are 70-130 px: restore them all
     assert infer.main(argv) == 0
     logged = capsys.readouterr().out
@@ -672,7 +666,7 @@ def test_infer_photo_mode_end_to_end(tmp_path, weights, group, celeba_val, tiny_
     assert not list(out.glob("text*")) and not list(out.glob("truncated*"))
     # a file input writes into the --output folder; nothing usable is a one-line error
     res = infer.run(str(tiny_checkpoint), str(src / "empty.png"), str(tmp_path / "one"), mode="photo",
-                    progress=False, log=lambda *a: None, detector_weights=str(weights))
+                    progress=False, log=lambda *a: None, detector_weights=str(mtcnn_weights))
     assert res["written"] == [str(tmp_path / "one" / "empty.png")] and res["upscale"] == {"empty.png": 1.0}
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: infer.main(["infer", "--mode=photo", f"--checkpoint={tiny_checkpoint}",
@@ -710,7 +704,7 @@ def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
     assert folders.open_photo(str(tmp_path / "plain.png")).size == (30, 20)
 
 
-def test_faces_above_max_face_are_left_exactly_as_they_are(tmp_path, weights, group,
+def test_faces_above_max_face_are_left_exactly_as_they_are(tmp_path, mtcnn_weights, group,
                                                            tiny_checkpoint, capsys):
     """Default options on a photo of 70-130 px faces: written back unchanged, faces.json says why."""
     src = tmp_path / "group.jpg"
@@ -719,7 +713,7 @@ def test_faces_above_max_face_are_left_exactly_as_they_are(tmp_path, weights, gr
         out = tmp_path / f"out_{upscale}"
         assert infer.main(["infer", "--mode=photo", f"--checkpoint={tiny_checkpoint}",
                            f"--input={src}", f"--output={out}", f"--upscale={upscale}",
-                           "--noprogress", f"--detector_weights={weights}"]) == 0
+                           "--noprogress", f"--detector_weights={mtcnn_weights}"]) == 0
         assert "left as they are" in capsys.readouterr().out
         with Image.open(src) as im:
             given = np.asarray(im.convert("RGB"), np.int16)
@@ -738,7 +732,7 @@ def test_faces_above_max_face_are_left_exactly_as_they_are(tmp_path, weights, gr
     out = tmp_path / "all"
     assert infer.main(["infer", "--mode=photo", f"--checkpoint={tiny_checkpoint}",
                        f"--input={src}", f"--output={out}", "--upscale=1", "--max_face=0",
-                       "--noprogress", f"--detector_weights={weights}"]) == 0
+                       "--noprogress", f"--detector_weights={mtcnn_weights}"]) == 0
     entries = json.loads((out / "faces.json").read_text())["group.jpg"]
     assert all(e["restored"] and "reason" not in e for e in entries)
     with Image.open(out / "group.png") as im:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from progsr_jax import infer
 from progsr_jax.errors import UserError, run_cli
-from progsr_jax.photo import align, detection, mtcnn
+from progsr_jax.photo import align, detection
 from progsr_jax.photo.detection import Face
 
 # PyAV is the optional extra `video` (pip install -e '.[video]'); CI installs it.
@@ -406,12 +406,6 @@ def test_options_are_checked():
 # Real faces: the detector and the command
 
 
-@pytest.fixture(scope="module")
-def weights() -> pathlib.Path:
-    try:
-        return mtcnn.weights_dir()
-    except UserError as e:
-        pytest.skip(f"MTCNN weights not installed ({mtcnn.PIP_COMMAND}): {e}")
 
 
 @pytest.fixture(scope="module")
@@ -440,9 +434,9 @@ def face_clip_frames(face_images, n, size=(160, 120), spans=(44, 40)):
     return frames
 
 
-def test_nosmooth_is_the_photo_mode_frame_by_frame(weights, face_images, fake_sr_type):
+def test_nosmooth_is_the_photo_mode_frame_by_frame(mtcnn_weights, face_images, fake_sr_type):
     frames = face_clip_frames(face_images, 4)
-    det = detection.Detector(weights, min_face=10)
+    det = detection.Detector(mtcnn_weights, min_face=10)
     r = restoration.VideoRestorer(fake_sr_type(), det, restoration.VideoOptions(
         smooth=False, upscale=2.0, max_face=0.0, batch_size=4), (160, 120))
     outs = []
@@ -455,11 +449,11 @@ def test_nosmooth_is_the_photo_mode_frame_by_frame(weights, face_images, fake_sr
         np.testing.assert_array_equal(out.image, np.asarray(ref.image))
 
 
-def test_faces_are_followed_where_the_detector_misses(weights, face_images, fake_sr_type):
+def test_faces_are_followed_where_the_detector_misses(mtcnn_weights, face_images, fake_sr_type):
     """The detector blinded on most frames: the tracks are followed through (registration), their
     transforms stay on the true path, and one track per face survives."""
     frames = face_clip_frames(face_images, 24)
-    mtcnn_det = detection.Detector(weights, min_face=10)
+    mtcnn_det = detection.Detector(mtcnn_weights, min_face=10)
 
     def blinkered(image):
         t = blinkered.t
@@ -488,14 +482,14 @@ def test_faces_are_followed_where_the_detector_misses(weights, face_images, fake
             assert min(errors) < 0.35, errors
 
 
-def test_infer_video_end_to_end(tmp_path, weights, face_images, tiny_checkpoint, capsys):
+def test_infer_video_end_to_end(tmp_path, mtcnn_weights, face_images, tiny_checkpoint, capsys):
     """The command on a clip with audio: frames, rate, audio kept; tracks.json; track clips."""
     frames = face_clip_frames(face_images, 24)
     src = write_clip(tmp_path / "in.mp4", frames, audio_seconds=1.0)
     out = tmp_path / "res" / "out.mp4"
     argv = ["infer", "--mode=video", f"--checkpoint={tiny_checkpoint}", f"--input={src}",
             f"--output={out}", "--upscale=2", "--max_face=0", "--noprogress", "--track_clips",
-            f"--detector_weights={weights}", "--batch_size=8"]
+            f"--detector_weights={mtcnn_weights}", "--batch_size=8"]
     assert infer.main(argv) == 0
     logged = capsys.readouterr().out
     assert "frames/s" in logged and "2 track(s)" in logged
@@ -520,7 +514,7 @@ def test_infer_video_end_to_end(tmp_path, weights, face_images, tiny_checkpoint,
     for extra in (["--nosmooth"], ["--detect_every=2", "--codec=libx264", "--crf=30"]):
         o = tmp_path / f"o{len(extra)}.mkv"
         assert infer.main(argv[:4] + [f"--output={o}", "--upscale=1", "--max_face=0", "--noprogress",
-                                      f"--detector_weights={weights}"] + extra) == 0
+                                      f"--detector_weights={mtcnn_weights}"] + extra) == 0
         assert len(decoded(o)) == 24
 
 
@@ -618,11 +612,11 @@ def test_huge_frames_are_refused(tmp_path, tiny_checkpoint, capsys, monkeypatch)
     assert not out.exists() and not _leftovers(tmp_path)
 
 
-def test_no_face_and_interrupt_leave_nothing(tmp_path, weights, tiny_checkpoint, capsys, monkeypatch):
+def test_no_face_and_interrupt_leave_nothing(tmp_path, mtcnn_weights, tiny_checkpoint, capsys, monkeypatch):
     empty = write_clip(tmp_path / "empty.mp4", gradient_frames(8, 96, 64), audio_seconds=0.3)
     out = tmp_path / "o.mp4"
     base = ["infer", "--mode=video", f"--checkpoint={tiny_checkpoint}", "--noprogress",
-            f"--detector_weights={weights}", f"--output={out}"]
+            f"--detector_weights={mtcnn_weights}", f"--output={out}"]
     msg = _fails(base + [f"--input={empty}"], capsys)
     assert "no face found in any of the 8 frame(s)" in msg and "nothing written" in msg
     assert sorted(os.listdir(tmp_path)) == ["empty.mp4"]

@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 
 from progsr_jax.errors import UserError
-from progsr_jax.photo import align, mtcnn
+from progsr_jax.photo import align
 
 # PyAV is the optional extra `video` (pip install -e '.[video]'); CI installs it.
 pytest.importorskip("av", reason="PyAV not installed (pip install -e '.[video]')")
 from progsr_jax.video import streams
-
-
-@pytest.fixture(scope="module")
-def weights():
-    try:
-        return mtcnn.weights_dir()
-    except UserError as e:
-        pytest.skip(f"MTCNN weights not installed ({mtcnn.PIP_COMMAND}): {e}")
 
 
 def test_paths_transforms_and_metrics(tool_module):
@@ -50,7 +42,7 @@ def test_paths_transforms_and_metrics(tool_module):
     assert j == pytest.approx(0.0, abs=1e-9) and aligned == 1.0 and pairs == 4
 
 
-def test_make_and_score_a_tiny_clip(tmp_path, weights, tiny_checkpoint, tool_module, celeba_root):
+def test_make_and_score_a_tiny_clip(tmp_path, mtcnn_weights, tiny_checkpoint, tool_module, celeba_root):
     tool = tool_module("video_steadiness")
     work = tmp_path / "clip"
     out = tmp_path / "docs" / "steady.png"

@@ -145,9 +145,13 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def _try_create(folder: str, what: str, probe: str | None = None) -> None:
+def _try_create(folder: str, what: str, probe: str | None = None, keep: bool = False) -> None:
     """Makes the missing part of ``folder`` and a file in it (``probe``, default a test
-    name), then removes them again."""
+    name), then removes them again (the folders stay with ``keep``).
+
+    Safe when several processes do it at once (the processes of a multi-host run
+    checking their shared workdir): a folder another process made meanwhile is
+    used, not an error; with ``keep`` none is removed under another's feet."""
     top = _nearest_existing(folder)
     if not os.path.isdir(top):
         raise UserError(f"cannot write to {what}: {top} is a file, not a folder")
@@ -159,16 +163,22 @@ def _try_create(folder: str, what: str, probe: str | None = None) -> None:
             missing.append(head)
             head = os.path.dirname(head)
         for d in reversed(missing):
-            os.mkdir(d)
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise
+                continue
             made.append(d)
         probe = probe or os.path.join(folder, f".progsr_write_test_{os.getpid()}")
         with open(probe, "wb"):
             pass
         os.remove(probe)
     except OSError as e:
+        keep = False  # a failed check leaves nothing it made
         raise UserError(f"cannot write to {what}: {e.strerror or e}") from None
     finally:
-        for d in reversed(made):
+        for d in reversed(made if not keep else []):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
 
@@ -290,9 +300,11 @@ def run_folder(path: str | None, flag: str = "--workdir") -> Iterator[RunFolder]
     """
     if not path:
         raise UserError(f"{flag}=DIR is required")
-    folder = check_output(path, flag)
+    folder = os.path.abspath(os.path.expanduser(path))
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag}={folder} is a file, not a folder")
     handle = RunFolder(folder, created=not os.path.lexists(folder))
-    ensure_dir(folder)
+    _try_create(folder, f"{flag}={folder}", keep=True)
     try:
         yield handle
     except BaseException:
@@ -302,6 +314,19 @@ def run_folder(path: str | None, flag: str = "--workdir") -> Iterator[RunFolder]
 
 
 # ------------------------------------------------------------ infer's file plan
+def input_and_output(input_path: str | None, output: str | None,
+                     output_kind: str = "FILE_OR_DIR",
+                     input_kind: str = "FILE_OR_DIR") -> tuple[str, str]:
+    """``--input`` and ``--output`` as absolute paths (``~`` expanded); UserError naming the
+    expected kind if either is missing."""
+    if not input_path:
+        raise UserError(f"--input={input_kind} is required")
+    if not output:
+        raise UserError(f"--output={output_kind} is required")
+    return (os.path.abspath(os.path.expanduser(input_path)),
+            os.path.abspath(os.path.expanduser(output)))
+
+
 def plan_outputs(input_path: str | None, output: str | None, *, overwrite: bool = False,
                  inputs: Sequence[Input] = (), ext: str = ".png") -> list[tuple[str, str]]:
     """``[(input file, output file)]`` for a file or folder ``--input``; UserError if none.
@@ -316,12 +341,7 @@ def plan_outputs(input_path: str | None, output: str | None, *, overwrite: bool 
     :func:`check_not_input`, refused unless ``overwrite``; even then no
     output lands on another input file than its own.
     """
-    if not input_path:
-        raise UserError("--input=FILE_OR_DIR is required")
-    if not output:
-        raise UserError("--output=FILE_OR_DIR is required")
-    src = os.path.abspath(os.path.expanduser(input_path))
-    dst = os.path.abspath(os.path.expanduser(output))
+    src, dst = input_and_output(input_path, output)
     given = [Input("--input", src, tree=os.path.isdir(src)), *inputs]
     rules = dict(overwrite=overwrite, overwrite_flag="--overwrite")
     if os.path.isfile(src):

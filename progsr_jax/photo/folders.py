@@ -48,12 +48,7 @@ def plan_photo_outputs(input_path: str | None, output: str | None, *, overwrite:
                        ) -> tuple[str, list[tuple[str, str, str]]]:
     """``(output folder, [(input file, faces.json key, restored PNG path)])``, checked
     against the inputs (:func:`progsr_jax.data.writing.plan_outputs`)."""
-    if not input_path:
-        raise UserError("--input=FILE_OR_DIR is required")
-    if not output:
-        raise UserError("--output=DIR is required")
-    src = os.path.abspath(os.path.expanduser(input_path))
-    dst = os.path.abspath(os.path.expanduser(output))
+    src, dst = writing.input_and_output(input_path, output, "DIR")
     if os.path.lexists(dst) and not os.path.isdir(dst):
         raise UserError(f"--mode=photo writes a folder, but --output={dst} is a file")
     if os.path.isfile(src):

@@ -177,11 +177,9 @@ def plan(input_path: str, output: str, options: VideoOptions, *, tracks_json: st
     """Every check that needs no model: ``{'reader', 'output', 'size', 'encoder', 'tracks_json',
     'clips'}``; one-line UserErrors, nothing created."""
     options.check()
-    if not input_path:
-        raise UserError("--input=FILE (a video) is required")
-    if not output:
-        raise UserError("--output=FILE (a video: .mp4, .mkv, .mov, .m4v or .webm) is required")
-    output = os.path.abspath(os.path.expanduser(output))
+    input_path, output = writing.input_and_output(
+        input_path, output, output_kind="FILE (a video: .mp4, .mkv, .mov, .m4v or .webm)",
+        input_kind="FILE (a video)")
     encoder = streams.encoder_settings(output, codec, crf, preset, lossless)
     reader = streams.VideoReader(input_path)
     if os.path.isdir(output):
