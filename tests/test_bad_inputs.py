@@ -101,6 +101,16 @@ def edit_json(path: pathlib.Path, **changes) -> None:
     path.write_text(json.dumps(obj))
 
 
+def earlier_run(wd: pathlib.Path, width: float = 0.0625) -> None:
+    """The files of an earlier smoke run's workdir (its architecture, so that a resume
+    is allowed to go on to its data)."""
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps({"model": {"width": width, "d_width": None},
+                                                "seed": 7}))
+    (wd / "log.txt").write_text("[00:00:00] an earlier run\n")
+    (wd / "metrics.jsonl").write_text('{"step": 12, "g": 1.0}\n')
+
+
 def step_dir(ckpt: pathlib.Path) -> pathlib.Path:
     return next((ckpt / "checkpoints").iterdir())
 
@@ -417,6 +427,9 @@ CASES = [
       "batch_size"),
     C("main_data_root_missing", "main", f"{SMOKE} --workdir={{d}}/wd --config.data.source=folder "
       "--config.data.root={d}/nope", "does not exist"),
+    C("main_resume_with_missing_data_root", "main", f"{SMOKE} --workdir={{d}}/wd "
+      "--config.data.source=folder --config.data.root={d}/nope", "does not exist",
+      lambda d, a: earlier_run(d / "wd")),
     C("main_fan_checkpoint_missing", "main", f"{SMOKE} --workdir={{d}}/wd "
       "--config.fan.checkpoint={d}/nope --config.data.cache_dir=", "nope"),
     C("main_init_from_missing", "main", f"{SMOKE} --workdir={{d}}/wd --config.init_from={{d}}/nope "
@@ -456,6 +469,9 @@ CASES = [
       "did you mean --config.steps"),
     C("distill_teacher_missing", "distill", f"{DSMOKE} --workdir={{d}}/wd "
       "--config.teacher_heatmaps={d}/nope --config.data.cache_dir=", "nope"),
+    C("distill_resume_with_missing_teacher", "distill", f"{DSMOKE} --workdir={{d}}/wd "
+      "--config.teacher_heatmaps={d}/nope --config.data.cache_dir=", "nope",
+      lambda d, a: earlier_run(d / "wd", width=0.125)),
     C("distill_fan_without_eval_only", "distill", f"{DSMOKE} --workdir={{d}}/wd --fan={{d}}",
       "--eval_only"),
     C("distill_eval_only_multihost", "distill", f"{DSMOKE} --eval_only --multihost", "--eval_only"),

@@ -14,7 +14,10 @@ The one reporter of both trainers:
   bicubic | SR | HR, written atomically as PNG; :func:`save_png` any image.
 
 With several processes only process 0 writes (``writer``); the others keep
-``last`` but write, print and draw nothing.
+``last`` but write, print and draw nothing.  The files are opened by
+:meth:`Reporter.start`, once the run has really begun (the lines logged before
+are written then): a run that fails first leaves an earlier run's workdir as
+it was.
 """
 
 from __future__ import annotations
@@ -43,18 +46,29 @@ class Reporter:
         self.workdir, self.writer = workdir, writer
         self.last: dict = {}
         self._metrics = self._log = self._tb = None
-        if not writer:
+        self._early: list[str] = []  # lines logged before start()
+
+    def start(self) -> None:
+        """Opens ``log.txt`` (with the lines logged so far), ``metrics.jsonl`` and the
+        TensorBoard writer: the run has begun."""
+        if not self.writer or self._log is not None:
             return
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        self._metrics = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._log = open(os.path.join(workdir, "log.txt"), "a")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+        self._metrics = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+        self._log = open(os.path.join(self.workdir, "log.txt"), "a")
+        self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+        self._log.writelines(line + "\n" for line in self._early)
+        self._log.flush()
+        self._early = []
 
     def info(self, msg: str) -> None:
         if not self.writer:
             return
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
         tqdm.write(line, file=sys.stderr)
+        if self._log is None:
+            self._early.append(line)
+            return
         self._log.write(line + "\n")
         self._log.flush()
 
@@ -78,6 +92,7 @@ class Reporter:
         self.last = rec
         if not self.writer:
             return
+        self.start()  # a record means the run has begun
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
         if self._tb is not None:

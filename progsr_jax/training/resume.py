@@ -2,11 +2,10 @@
 
 The one checkpoint and resume path of both trainers, on top of the
 checkpoint format of :mod:`progsr_jax.inference.checkpoints` (the folder layout, its
-items and ``meta``, reading generators and critics, converted checkpoints;
-re-exported here).  :func:`save` / :func:`save_state` write a run's whole
+items and ``meta``, reading generators and critics, converted checkpoints).  :func:`save` / :func:`save_state` write a run's whole
 state at an iteration, :func:`restore_latest` resumes it,
 :func:`init_from_pretrained` starts a run from another checkpoint's G (and
-D), and :func:`check_or_write_config` / :func:`check_run_kind` refuse to
+D), and :func:`check_config` / :func:`check_run_kind` refuse to
 resume a workdir with another architecture or kind of run.
 """
 
@@ -122,30 +121,34 @@ def _replace_checked(state, field: str, value, path: str):
                                                           ref, value)})
 
 
-def check_or_write_config(workdir: str, config, arch_fields: tuple[str, ...] = ARCH_FIELDS) -> None:
-    """Keeps ``config.json`` in the workdir; refuses to resume with another architecture.
-
-    Every process checks; only process 0 writes.
-    """
+def check_config(workdir: str, config, arch_fields: tuple[str, ...] = ARCH_FIELDS) -> None:
+    """Refuses to resume a workdir whose ``config.json`` names another architecture
+    (every process checks)."""
     path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            try:
-                previous = json.load(f)
-            except json.JSONDecodeError:
-                previous = None
-        if previous is not None:
-            for dotted in arch_fields:
-                a, b = _get(previous, dotted), _get(current, dotted)
-                if a != b:
-                    raise UserError(f"{workdir} holds a run with {dotted}={a}; this command asks "
-                                    f"for {dotted}={b}. Use another --workdir or the same setting")
-    if jax.process_index() != 0:  # several processes: every one checks, process 0 writes
+    if not os.path.exists(path):
         return
+    with open(path) as f:
+        try:
+            previous = json.load(f)
+        except json.JSONDecodeError:
+            return
+    current = json.loads(config.to_json_best_effort())
+    for dotted in arch_fields:
+        a, b = _get(previous, dotted), _get(current, dotted)
+        if a != b:
+            raise UserError(f"{workdir} holds a run with {dotted}={a}; this command asks "
+                            f"for {dotted}={b}. Use another --workdir or the same setting")
+
+
+def write_config(workdir: str, config) -> None:
+    """Writes ``config.json`` (process 0), once the run has really started: a run that
+    fails before keeps the workdir's earlier one."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
+        json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 

@@ -77,9 +77,16 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None):
     distill_config.validate(config, len(jax.devices()))
     # A new workdir is removed again if the run stops before its training loop.
     with writing.run_folder(workdir) as folder:
+        resume.check_config(workdir, config)
         reporter = reporting.Reporter(workdir)
+
+        def started():  # the workdir's files are the started run's, never a failed attempt's
+            resume.write_config(workdir, config)
+            reporter.start()
+            folder.keep()
+
         try:
-            return _distill(config, workdir, reporter, stop_after, started=folder.keep)
+            return _distill(config, workdir, reporter, stop_after, started=started)
         finally:
             reporter.close()
 
@@ -123,7 +130,6 @@ def _distill(config, workdir: str, reporter, stop_after: int | None,
     start_time = time.time()
     reporter.info(core.describe_devices())
     train_split, val_split = distill_data.load_splits(config, info=reporter.info)
-    resume.check_or_write_config(workdir, config)
     shard = core.data_parallel()
 
     module = StudentFAN(width=float(config.model.width))

@@ -278,10 +278,16 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     # A new workdir is removed again if the run stops before its training loop (a bad
     # data root, FAN or init_from checkpoint): a failed run leaves nothing behind.
     with writing.run_folder(workdir) as folder:
-        resume.check_or_write_config(workdir, config)
+        resume.check_config(workdir, config)
         reporter = reporting.Reporter(workdir)
+
+        def started():  # the workdir's files are the started run's, never a failed attempt's
+            resume.write_config(workdir, config)
+            reporter.start()
+            folder.keep()
+
         try:  # the log files and TensorBoard writer are closed however the run ends
-            return _train(config, workdir, reporter, started=folder.keep)
+            return _train(config, workdir, reporter, started=started)
         finally:
             reporter.close()
 
