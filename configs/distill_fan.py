@@ -113,15 +113,16 @@ def get_config(variant="paper"):
     # layer's) are updated by Muon (optax.contrib.muon: Nesterov momentum
     # muon_beta, orthogonalised by Newton-Schulz iterations) with the learning rate
     # muon_lr (same schedule as lr), everything else by Adam with lr (with
-    # Nesterov momentum, as optax's Muon does); see distill_step.make_optimizer.
+    # Nesterov momentum, as optax's Muon does); see training/distill/optim.make_optimizer.
     c.optimizer = "adam"
     c.muon_lr = 0.05
     c.muon_beta = 0.95
     c.conv_grad = "auto"  # 'auto', 'taps' or 'xla': see conv_tap_grad
-    c.output_grad = "exact"  # or 'straight_through': see distill_step.make_train_step
+    c.output_grad = "exact"  # or 'straight_through': see training/distill/step.make_train_step
     # Weight of an extra term on top of the paper's MSE: the KL divergence between the
     # teacher's and the student's spatial softmax (temperature kl_temperature) of each
-    # heatmap, which concentrates on where each maximum lies (see distill_step.make_train_step).
+    # heatmap, which concentrates on where each maximum lies (see
+    # training/distill/step.make_train_step).
     # 0: the paper's loss, MSE alone.
     c.kl_weight = 0.0
     c.kl_temperature = 0.02
@@ -129,11 +130,11 @@ def get_config(variant="paper"):
     c.teacher_heatmaps = placeholder(str)
     # Exponential moving average of the student's weights (and BatchNorm statistics),
     # used for validation and written as the distilled FAN; 0: off (the paper's), the
-    # last iterate is used.  The decay starts low (distill_step.ema_decay_at).
+    # last iterate is used.  The decay starts low (training/distill/state.ema_decay_at).
     c.ema_decay = 0.0
 
     # Augmentation, the same transform applied to the image and to its teacher
-    # heatmaps in the train step (distill_step.augment); all off in the paper's recipe.
+    # heatmaps in the train step (training/distill/augment); all off in the paper's recipe.
     c.augment = ml_collections.ConfigDict()
     c.augment.flip = False  # mirror half the images, left/right points swapped
     c.augment.scale = 0.0  # zoom about the centre by a factor in [1 - scale, 1 + scale]
@@ -142,7 +143,7 @@ def get_config(variant="paper"):
     c.model = ml_collections.ConfigDict()
     c.model.width = 1.0  # 1.0 = the released architecture (321,412 parameters)
     # Multiplies the initial weights and bias of the last convolution (PyTorch's default
-    # uniform init); see distill_step.create_state.  1.0: the plain default init.
+    # uniform init); see training/distill/state.create_state.  1.0: the plain default init.
     c.model.output_init_scale = 1.0
 
     c.data = ml_collections.ConfigDict()
@@ -180,8 +181,8 @@ def get_config(variant="paper"):
         # from the paper's recipe, each measured on CelebA (NME64 against the released
         # FAN after the same number of images; these were measured on the CelebA val
         # faces, before the protocol of the docstring, and were not screened again):
-        # * Muon for the convolution weights (distill_step.make_optimizer): in 600 iterations
-        #   1.5% against Adam's 2.3%;
+        # * Muon for the convolution weights (training/distill/optim.make_optimizer): in
+        #   600 iterations 1.5% against Adam's 2.3%;
         # * batch 4: on a CPU an image costs about the same in any batch, and more,
         #   smaller steps go further than fewer, larger ones (Adam, 2,400 images:
         #   2.4% at batch 4, 2.8% at batch 8);
@@ -189,9 +190,10 @@ def get_config(variant="paper"):
         #   1.4e-3 with b2 0.99) instead of a constant 1e-4: the run sees 22x fewer
         #   images than the released student (11,000 iterations of batch 16);
         # * the last convolution starts 100x smaller and its LeakyReLU is
-        #   back-propagated straight through (distill_step.create_state, .make_train_step);
+        #   back-propagated straight through (training/distill/state.create_state,
+        #   step.make_train_step);
         # * kl_weight 1e-4: a small spatial-softmax KL term next to the MSE, which
-        #   pays for where each heatmap's maximum is (distill_step.spatial_softmax_kl; Adam,
+        #   pays for where each heatmap's maximum is (nets/losses.spatial_softmax_kl; Adam,
         #   600 iterations: 2.31% against 2.39% without; 1e-3 is worse, see the docstring);
         # * 2,000 iterations (1,400 before): 10 minutes on this 2-core VM when nothing
         #   else runs, so that a VM 1.5x slower still finishes within 15 (held-out NME64:

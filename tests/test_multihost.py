@@ -69,7 +69,8 @@ class Runs:
         port = _free_port()
         procs = []
         for i in range(processes):
-            env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes}")
+            env = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} "
+                                      f"--xla_force_host_platform_device_count={4 // processes}")
             args = cmd + (["--multihost", f"--coordinator_address=localhost:{port}",
                            f"--num_processes={processes}", f"--process_id={i}"]
                           if processes > 1 else [])

@@ -253,7 +253,8 @@ def test_four_devices_train_like_one(tmp_path, extra):
     """Global batch 8 split over 4 forced host devices ends with the losses of 1 device."""
     finals = {}
     for n in (1, 4):
-        env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        env = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} "
+                                  f"--xla_force_host_platform_device_count={n}")
         work = tmp_path / f"d{n}"
         r = subprocess.run(_main(work, "--config.batch_size=8", *extra, cache=tmp_path / "cache"),
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -49,8 +49,8 @@ LAYERS = {
 #: Third-party packages a function may import where it needs them (optional extras
 #: or heavy and rarely used), with a comment on the line or the one above.
 LAZY_OK = ("torch", "onnxruntime", "onnx", "jax2onnx", "tensorflow_datasets", "tensorflow",
-           "numpy._core", "numpy.core", "av", "grain", "progsr_jax.interop.pytorch",
-           "progsr_jax.video")
+           "numpy._core", "numpy.core", "av", "grain", "tensorboardX",
+           "progsr_jax.interop.pytorch", "progsr_jax.video")
 
 
 def module_name(path: pathlib.Path) -> str:

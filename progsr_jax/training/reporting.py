@@ -31,7 +31,6 @@ import time
 import jax
 import numpy as np
 from PIL import Image
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from progsr_jax import progress
@@ -53,6 +52,10 @@ class Reporter:
         TensorBoard writer: the run has begun."""
         if not self.writer or self._log is not None:
             return
+        # tensorboardX imports torch where it is installed (a second per process): only
+        # a run that starts pays for it, not every command that stops at a check.
+        from tensorboardX import SummaryWriter
+
         os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
         self._metrics = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
         self._log = open(os.path.join(self.workdir, "log.txt"), "a")
