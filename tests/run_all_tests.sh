@@ -2,7 +2,7 @@
 # The one test command: installs what the tests need into a fresh virtual environment
 # (.venv-test beside this checkout) and runs the whole suite, slow tests included.
 #
-#   bash tests/run_all_tests.sh                 # everything (~30 min on 2 CPU cores)
+#   bash tests/run_all_tests.sh                 # everything (~24 min on 2 CPU cores)
 #   bash tests/run_all_tests.sh -m "not slow"   # extra arguments go to pytest
 #   REUSE_VENV=1 bash tests/run_all_tests.sh    # keep an existing .venv-test (faster reruns)
 #

@@ -17,19 +17,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from progsr_jax.data import WorkerDied
+from progsr_jax.data import WorkerDied, writing
 from progsr_jax.errors import UserError
-from progsr_jax.training import distributed
+from progsr_jax.training import distributed, reporting, resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,3 +215,29 @@ def _save_once(hooks: Hooks, state, done: int | None, saved: int | None) -> bool
         hooks.check(state)
         hooks.save(done, state)
     return True
+
+
+@contextlib.contextmanager
+def run_workdir(workdir: str, config) -> Iterator[tuple[reporting.Reporter, Callable[[], None]]]:
+    """``with run_workdir(workdir, config) as (reporter, started):`` the workdir of a run.
+
+    The workdir is checked (:func:`progsr_jax.data.writing.run_folder`; a resumed one
+    must hold the same architecture, :func:`resume.check_config`) and gets the run's
+    reporter.  The trainer calls ``started()`` when its loop begins: only then are
+    ``config.json`` and the reporter's files written, so a run that stops before leaves
+    a new workdir removed and an existing one as it was.  The reporter's files are
+    closed however the run ends.
+    """
+    with writing.run_folder(workdir) as folder:
+        resume.check_config(workdir, config)
+        reporter = reporting.Reporter(workdir)
+
+        def started() -> None:
+            resume.write_config(workdir, config)
+            reporter.start()
+            folder.keep()
+
+        try:
+            yield reporter, started
+        finally:
+            reporter.close()

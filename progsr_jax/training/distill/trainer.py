@@ -58,7 +58,7 @@ from progsr_jax.inference import checkpoints
 from progsr_jax.nets import fan as fan_lib
 from progsr_jax.nets.fan import StudentFAN
 from progsr_jax.nets.layers import count_params
-from progsr_jax.training import core, distributed, reporting, resume
+from progsr_jax.training import core, distributed, resume
 from progsr_jax.training.distill import config as distill_config
 from progsr_jax.training.distill import data as distill_data
 from progsr_jax.training.distill import state as distill_state
@@ -75,20 +75,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None):
     as if the run had been interrupted there; for tests.
     """
     distill_config.validate(config, len(jax.devices()))
-    # A new workdir is removed again if the run stops before its training loop.
-    with writing.run_folder(workdir) as folder:
-        resume.check_config(workdir, config)
-        reporter = reporting.Reporter(workdir)
-
-        def started():  # the workdir's files are the started run's, never a failed attempt's
-            resume.write_config(workdir, config)
-            reporter.start()
-            folder.keep()
-
-        try:
-            return _distill(config, workdir, reporter, stop_after, started=started)
-        finally:
-            reporter.close()
+    # A run that stops before its training loop leaves no new workdir, an old one as it was.
+    with core.run_workdir(workdir, config) as (reporter, started):
+        return _distill(config, workdir, reporter, stop_after, started=started)
 
 
 def _describe(config, num_params: int, num_train: int) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from progsr_jax import data as data_lib
-from progsr_jax.data import celeba_tfds, writing
+from progsr_jax.data import celeba_tfds
 from progsr_jax.data import degradation as degradation_lib
 from progsr_jax.inference import SuperResolver, checkpoints
 from progsr_jax.nets import fan as fan_lib
@@ -275,21 +275,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         fan_lib.check_folder(config.fan.checkpoint)
     if config.init_from:
         checkpoints.resolve(config.init_from)
-    # A new workdir is removed again if the run stops before its training loop (a bad
-    # data root, FAN or init_from checkpoint): a failed run leaves nothing behind.
-    with writing.run_folder(workdir) as folder:
-        resume.check_config(workdir, config)
-        reporter = reporting.Reporter(workdir)
-
-        def started():  # the workdir's files are the started run's, never a failed attempt's
-            resume.write_config(workdir, config)
-            reporter.start()
-            folder.keep()
-
-        try:  # the log files and TensorBoard writer are closed however the run ends
-            return _train(config, workdir, reporter, started=started)
-        finally:
-            reporter.close()
+    # A run that stops before its training loop (a bad data root, FAN or init_from
+    # checkpoint) leaves no new workdir, and an existing one as it was.
+    with core.run_workdir(workdir, config) as (reporter, started):
+        return _train(config, workdir, reporter, started=started)
 
 
 def _train(config, workdir: str, reporter, started: Callable[[], None] = lambda: None
