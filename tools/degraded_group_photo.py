@@ -1,6 +1,6 @@
 """A realistically degraded low-resolution group photo, restored by bicubic and by models.
 
-    python tools/degraded_group_photo.py --output=docs/degraded_group_photo.png
+    python tools/degraded_group_photo.py --output=/tmp/degraded_group_photo.png
         --checkpoint=cpu=/runs/cpu --checkpoint=cpu_real=/runs/cpu_real
 
 1. **The photo.** Seven faces of the shared data (``$PROGSR_SHARED``, default
