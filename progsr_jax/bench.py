@@ -41,7 +41,7 @@ analysis is not used: on a GPU it leaves out the convolutions XLA hands to
 cuDNN.  ``tests/test_bench.py`` checks the count against one made by hand
 from the layer shapes.  ``achieved_tflops`` divides it by the time, and
 ``fraction_of_peak`` by the device's dense peak for the precision in use
-(:data:`PEAK_TFLOPS`; float32 convolutions run as TF32 on NVIDIA GPUs since
+(:data:`progsr_jax.benchmarks.accounting.PEAK_TFLOPS`; float32 convolutions run as TF32 on NVIDIA GPUs since
 Ampere and in bfloat16 passes on TPUs; ``--peak_tflops`` overrides).  The
 PyTorch rows use the same count (the same work, up to the transposed
 convolutions' edge taps, below 1%).
@@ -67,7 +67,6 @@ worker count's speed-up over 0.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -78,35 +77,17 @@ import tempfile
 import threading
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
 
-from progsr_jax import cli, data, export
+from progsr_jax import cli
+from progsr_jax.benchmarks.accounting import peak_tflops, with_rates
+from progsr_jax.benchmarks.input_and_export import bench_data, bench_export
+from progsr_jax.benchmarks.jax_rows import JaxInference, JaxTrain
+from progsr_jax.benchmarks.torch_rows import TorchInference, TorchTrain, load_torch
 from progsr_jax.data import degradation, writing
 from progsr_jax.errors import UserError
-from progsr_jax.inference import SuperResolver
-from progsr_jax.nets import gan, vgg
-from progsr_jax.nets.fan import StudentFAN
 from progsr_jax.training import config as config_files
-from progsr_jax.training import core
-from progsr_jax.training.sr import config as sr_config
-from progsr_jax.training.sr import trainer as train
 
-#: Dense (no sparsity) peak TFLOP/s of one device per precision, from the vendors'
-#: datasheets; the first name found in ``device_kind`` wins.
-PEAK_TFLOPS = (
-    ("H200", {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4}),
-    ("H100 PCIe", {"float32": 51.2, "tf32": 378.0, "bfloat16": 756.0}),
-    ("H100", {"float32": 66.9, "tf32": 494.7, "bfloat16": 989.4}),
-    ("A100", {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0}),
-    ("L4", {"float32": 30.3, "tf32": 60.0, "bfloat16": 121.0}),
-    ("TPU v4", {"bfloat16": 275.0}),
-    ("TPU v5 lite", {"bfloat16": 197.0}),
-    ("TPU v5", {"bfloat16": 459.0}),
-    ("TPU v6 lite", {"bfloat16": 918.0}),
-)
 IO_KINDS = ("device", "end_to_end")
 
 
@@ -201,547 +182,6 @@ def _suite_lists(fv) -> tuple[list[int], list[str], list[int]]:
     return stages, dtypes, batches
 
 
-# --------------------------------------------------------------------------- the work
-
-
-def lowered_flops(lowered) -> float | None:
-    """FLOPs of a lowered (unoptimised) computation by XLA's cost analysis, or None."""
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops else None
-
-
-def precision(dtype: str, device) -> str:
-    """What the convolutions compute in: float32, tf32 or bfloat16."""
-    if dtype == "bfloat16":
-        return "bfloat16"
-    if device.platform == "tpu":
-        return "bfloat16"  # the default precision: one bfloat16 pass
-    wanted = str(jax.config.jax_default_matmul_precision or "default").lower()
-    cc = getattr(device, "compute_capability", None)
-    if device.platform == "gpu" and cc and float(cc) >= 8.0 and wanted in ("default", "tensorfloat32"):
-        return "tf32"
-    return "float32"
-
-
-def peak_tflops(device_kind: str, prec: str, override: float | None = None) -> float | None:
-    """The device's dense peak for ``prec`` (:data:`PEAK_TFLOPS`), ``override`` if given."""
-    if override:
-        return float(override)
-    for name, peaks in PEAK_TFLOPS:
-        if name.lower() in device_kind.lower():
-            return peaks.get(prec)
-    return None
-
-
-def _executable_bytes(compiled) -> int | None:
-    """Device memory of one call of a compiled computation: arguments, outputs and temporaries."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend has it
-        return None
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
-
-
-def _process_peak_bytes() -> int | None:
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001 - not every backend reports memory
-        return None
-    return stats.get("peak_bytes_in_use")
-
-
-def _device_fields() -> dict:
-    devs = jax.devices()
-    return {"device": f"{devs[0].platform}:{devs[0].device_kind}", "num_devices": len(devs)}
-
-
-def _with_rates(out: dict, peak_override: float | None) -> dict:
-    """Adds achieved TFLOP/s and the fraction of the peak to a measurement."""
-    flops, dt = out.get("flops_per_step"), out["step_time_s"]
-    if flops:
-        out["achieved_tflops"] = flops / dt / 1e12
-        peak = peak_tflops(out.get("device", ""), out["precision"], peak_override)
-        out["peak_tflops"] = peak
-        if peak:
-            out["fraction_of_peak"] = out["achieved_tflops"] / peak
-    return out
-
-
-def _timed(run_one, steps: int, warmup: int, wait) -> tuple[float, object]:
-    """(Seconds per call, the last result): ``run_one(i)`` ``warmup`` times, then ``steps``
-    times with one ``wait(result)`` at the end."""
-    result = None
-    for i in range(warmup):
-        result = run_one(i)
-    if result is not None:
-        wait(result)
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        result = run_one(i)
-    wait(result)
-    return (time.perf_counter() - t0) / steps, result
-
-
-def _host_faces(n: int, size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
-# --------------------------------------------------------------------------- JAX
-
-
-class JaxTrain:
-    """The training iteration of one stage, lowered and compiled once, measured both ways."""
-
-    POOL = 4  # distinct host batches cycled through end to end
-
-    def __init__(self, stage: int, batch_size: int, dtype: str, width: float,
-                 d_width: float | None = None, use_fan: bool = True, compile: bool = True):
-        config = config_files.load("step3.py")
-        config.batch_size = batch_size
-        config.model.width = width
-        config.model.d_width = d_width
-        config.model.dtype = dtype
-        config.data.source = "synthetic"
-        devices = jax.devices()
-        sr_config.validate(config, len(devices))
-        self.stage, self.batch_size, self.dtype, self.width = stage, batch_size, dtype, width
-        self.use_fan = use_fan
-        self.shardings = core.data_parallel(devices)
-        rep, shard = self.shardings.replicated, self.shardings.batch
-        compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-        g = gan.Generator(width=width, dtype=compute)
-        d = gan.Discriminator(width=sr_config.d_width(config), dtype=compute)
-        fan = StudentFAN()
-        if compile:
-            self.state = jax.device_put(_initial_state(width, d_width), rep)
-            self.vgg_params = jax.device_put(vgg.load_vgg16_features_params(), rep)
-            self.fan_vars = jax.device_put(_initial_fan(), rep)
-        else:  # counting the work needs the shapes only
-            key = jax.random.PRNGKey(0)
-            self.state = jax.eval_shape(lambda: train.create_train_state(config, key)[0])
-            self.vgg_params = vgg.load_vgg16_features_params()
-            self.fan_vars = jax.eval_shape(lambda: fan.init(key, jnp.zeros((1, 64, 64, 3))))
-        self.res = gan.output_size(stage)
-        self.alpha = np.float32(0.5 if stage > 1 else 1.0)
-        self.pool = {"lr": _host_faces(self.POOL * batch_size, 16, 0),
-                     "hr": _host_faces(self.POOL * batch_size, self.res, 1)}
-        self.batch = jax.device_put(self._host_batch(0), shard)
-        fn = jax.jit(train.make_train_step(config, g, d, stage, use_fan, fan),
-                     donate_argnums=(0,), in_shardings=(rep, shard, None, rep, rep),
-                     out_shardings=(rep, rep))
-        self.lowered = fn.lower(self.state, self.batch, self.alpha, self.vgg_params, self.fan_vars)
-        self.flops = lowered_flops(self.lowered)
-        self.compiled, self.compile_s, self.memory = None, None, None
-        if compile:
-            t0 = time.perf_counter()
-            self.compiled = self.lowered.compile()
-            self.compile_s = time.perf_counter() - t0
-            self.memory = _executable_bytes(self.compiled)
-
-    def _host_batch(self, step: int) -> dict:
-        """The trainer's host batch (float32 in [-1, 1]) made from uint8 faces in memory."""
-        rows = slice((step % self.POOL) * self.batch_size, (step % self.POOL + 1) * self.batch_size)
-        return {"lr": data.to_float(self.pool["lr"][rows]), "hr": data.to_float(self.pool["hr"][rows])}
-
-    def _step(self, batch):
-        self.state, metrics = self.compiled(self.state, batch, self.alpha, self.vgg_params,
-                                            self.fan_vars)
-        return metrics
-
-    def measure(self, io: str, steps: int, warmup: int) -> dict:
-        if io == "device":
-            dt, metrics = _timed(lambda i: self._step(self.batch), steps, warmup,
-                                 jax.block_until_ready)
-        else:
-            # The trainer's input path: host batches made and put on the devices by the
-            # input pipeline's background thread while the step runs.
-            with data.InputPipeline(self._host_batch, 0, warmup + steps,
-                                    sharding=self.shardings.batch) as batches:
-                it = iter(batches)
-                dt, metrics = _timed(lambda i: self._step(next(it)[1]), steps, warmup,
-                                     jax.block_until_ready)
-        return {"framework": "jax", "mode": "train", "io": io, "stage": self.stage,
-                "batch_size": self.batch_size, "dtype": self.dtype, "width": self.width,
-                "fan": self.use_fan, "images_per_sec": self.batch_size / dt, "step_time_s": dt,
-                "compile_s": self.compile_s, "flops_per_step": self.flops,
-                "flops_per_image": self.flops / self.batch_size if self.flops else None,
-                "memory_bytes": self.memory, "peak_memory_bytes": _process_peak_bytes(),
-                "precision": precision(self.dtype, jax.devices()[0]),
-                "finite": bool(np.isfinite(float(metrics["g_loss"]))), **_device_fields()}
-
-
-class JaxInference:
-    """The step-3 generator at one batch size: device-only and the batched path end to end."""
-
-    def __init__(self, batch_size: int, dtype: str, width: float, compile: bool = True):
-        self.batch_size, self.dtype, self.width = batch_size, dtype, width
-        self.x = jax.device_put(data.to_float(_host_faces(batch_size, 16, 2)))
-        self.alpha = jnp.float32(1.0)
-        if compile:
-            self.sr = SuperResolver(_initial_generator(width), 3, 1.0, width, dtype,
-                                    batch_size=batch_size)
-            model, variables = self.sr.model, self.sr.variables
-        else:  # counting the work needs the shapes only
-            model = gan.Generator(width=width, dtype=jnp.dtype(dtype))
-            variables = gan.generator_shapes(width)
-        # What the SuperResolver runs (evaluation-mode generator), compiled here once
-        # for the count, the memory and the device-only timing.
-        forward = jax.jit(lambda v, x, a: model.apply(v, x, stage=3, alpha=a, train=False))
-        lowered = forward.lower(variables, self.x, self.alpha)
-        self.flops = lowered_flops(lowered)
-        self.compile_s, self.memory, self.forward = None, None, None
-        if compile:
-            t0 = time.perf_counter()
-            self.forward = lowered.compile()
-            self.compile_s = time.perf_counter() - t0
-            self.memory = _executable_bytes(self.forward)
-
-    def measure(self, io: str, steps: int, warmup: int) -> dict:
-        b = self.batch_size
-        if io == "device":
-            dt, _ = _timed(lambda i: self.forward(self.sr.variables, self.x, self.alpha), steps,
-                           warmup, jax.block_until_ready)
-        else:
-            faces = _host_faces(steps * b, 16, 3)
-            # at least one untimed batch: the batched path compiles its shapes
-            self.sr.super_resolve(faces[:max(1, warmup) * b], b, min_batch=b)
-            t0 = time.perf_counter()
-            out = self.sr.super_resolve(faces, b, min_batch=b)
-            dt = (time.perf_counter() - t0) / steps
-            assert out.dtype == np.uint8 and out.shape == (steps * b, 128, 128, 3)
-        return {"framework": "jax", "mode": "inference", "io": io, "batch_size": b,
-                "dtype": self.dtype, "width": self.width, "faces_per_sec": b / dt,
-                "images_per_sec": b / dt, "step_time_s": dt, "compile_s": self.compile_s,
-                "flops_per_step": self.flops,
-                "flops_per_image": self.flops / b if self.flops else None,
-                "memory_bytes": self.memory, "peak_memory_bytes": _process_peak_bytes(),
-                "precision": precision(self.dtype, jax.devices()[0]), **_device_fields()}
-
-
-@functools.lru_cache(maxsize=4)
-def _initial_state(width: float, d_width: float | None) -> train.TrainState:
-    """The trainer's initial state (host copy; every dtype starts from the same values)."""
-    config = config_files.load("step3.py")
-    config.model.width, config.model.d_width = width, d_width
-    state, _, _ = train.create_train_state(config, jax.random.PRNGKey(0))
-    return jax.device_get(state)
-
-
-@functools.lru_cache(maxsize=1)
-def _initial_fan() -> dict:
-    """Random variables of the paper's FAN (host copy; speed does not depend on them)."""
-    return jax.device_get(StudentFAN().init(jax.random.PRNGKey(1),
-                                            np.zeros((1, 64, 64, 3), np.float32)))
-
-
-@functools.lru_cache(maxsize=4)
-def _initial_generator(width: float) -> dict:
-    return jax.device_get(gan.init_generator(jax.random.PRNGKey(0), width)[1])
-
-
-def train_flops(stage: int, batch_size: int = 2, width: float = 1.0, dtype: str = "float32",
-                use_fan: bool = True) -> float:
-    """FLOPs of one training iteration (lowered, not compiled)."""
-    return JaxTrain(stage, batch_size, dtype, width, use_fan=use_fan, compile=False).flops
-
-
-def inference_flops(batch_size: int = 2, width: float = 1.0, dtype: str = "float32") -> float:
-    """FLOPs of one call of the step-3 generator in evaluation mode (lowered, not compiled)."""
-    return JaxInference(batch_size, dtype, width, compile=False).flops
-
-
-# --------------------------------------------------------------------------- PyTorch
-
-
-def _torch():
-    """The torch module (an optional, heavy dependency: imported only here)."""
-    try:
-        import torch  # optional dependency (the torch extra)
-    except ImportError:
-        raise UserError("--torch needs PyTorch: pip install 'progsr_jax[torch]'") from None
-    return torch
-
-
-def _torch_device(torch, wanted: str):
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"PyTorch {torch.__version__} has no CUDA device (a CPU-only build, or "
-                        "no GPU visible): the PyTorch rows are skipped; install a CUDA build "
-                        "of torch to compare")
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cudnn.benchmark = True
-    return torch.device(wanted)
-
-
-class _TorchRow:
-    """What the PyTorch rows share: device, autocast, waits, memory and the report."""
-
-    def __init__(self, torch, dev, dtype: str):
-        self.torch, self.dev, self.dtype = torch, dev, dtype
-        self.cuda = dev.type == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-
-    def autocast(self):
-        return self.torch.autocast(self.dev.type, dtype=self.torch.bfloat16,
-                                   enabled=self.dtype == "bfloat16")
-
-    def wait(self, _=None):
-        if self.cuda:
-            self.torch.cuda.synchronize(self.dev)
-
-    def host_uint8(self, faces: np.ndarray):
-        """NHWC uint8 faces in host memory (pinned when copying to a GPU)."""
-        t = self.torch.from_numpy(faces)
-        return t.pin_memory() if self.cuda else t
-
-    def to_device_float(self, u8):
-        """Host uint8 NHWC -> device float NCHW in [-1, 1], without blocking the host."""
-        x = u8.to(self.dev, non_blocking=True).permute(0, 3, 1, 2)
-        return x.float() / 127.5 - 1.0
-
-    def fields(self, precision_name: str) -> dict:
-        torch = self.torch
-        return {"framework": "torch", "dtype": self.dtype, "precision": precision_name,
-                "device": (f"gpu:{torch.cuda.get_device_name(self.dev)}" if self.cuda
-                           else "cpu"),
-                "num_devices": 1, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "peak_memory_bytes": torch.cuda.max_memory_allocated(self.dev) if self.cuda
-                else None, "compile_s": 0.0}
-
-    def precision(self) -> str:
-        if self.dtype == "bfloat16":
-            return "bfloat16"
-        torch = self.torch
-        if (self.cuda and torch.cuda.get_device_capability(self.dev)[0] >= 8
-                and torch.backends.cudnn.allow_tf32):
-            return "tf32"
-        return "float32"
-
-
-class TorchTrain(_TorchRow):
-    """The authors' iteration in PyTorch eager at one stage, measured both ways."""
-
-    POOL = JaxTrain.POOL
-
-    def __init__(self, stage: int, batch_size: int, dtype: str, width: float, use_fan: bool,
-                 device: str = "auto"):
-        torch = _torch()
-        # PyTorch modules of the reference (they need torch, an optional dependency).
-        from progsr_jax.interop.pytorch import reference as tr
-        from progsr_jax.interop.pytorch.fan4 import FanSqueeze
-
-        super().__init__(torch, _torch_device(torch, device), dtype)
-        self.tr, self.stage, self.batch_size, self.width = tr, stage, batch_size, width
-        self.use_fan = use_fan
-        dev = self.dev
-        torch.manual_seed(0)
-        self.G, self.D = tr.Generator(width).to(dev), tr.Discriminator(width).to(dev)
-        self.vgg = tr.VGG16Features().to(dev)
-        tr.load_flax_vgg_into(self.vgg, vgg.load_vgg16_features_params())
-        self.fan = FanSqueeze().to(dev).eval() if use_fan else None
-        for net in (self.vgg, self.fan):
-            for p in (net.parameters() if net is not None else ()):
-                p.requires_grad_(False)
-        self.g_opt = torch.optim.Adam(self.G.parameters(), lr=1e-3, betas=(0.0, 0.99))
-        self.d_opt = torch.optim.Adam(self.D.parameters(), lr=1e-3, betas=(0.0, 0.99))
-        paper = config_files.load("step3.py")
-        self.weights = {k: sr_config.loss_weights(paper, k) for k in (1, 2, 3)}
-        self.res = gan.output_size(stage)
-        self.alpha = 0.5 if stage > 1 else 1.0
-        self.pool = {"lr": self.host_uint8(_host_faces(self.POOL * batch_size, 16, 0)),
-                     "hr": self.host_uint8(_host_faces(self.POOL * batch_size, self.res, 1))}
-        self.batch = (self.to_device_float(self.pool["lr"][:batch_size]),
-                      self.to_device_float(self.pool["hr"][:batch_size]))
-
-    def _step(self, lr_img, hr_img):
-        with self.autocast():
-            return self.tr.train_iteration(self.G, self.D, self.vgg, self.fan, self.g_opt,
-                                           self.d_opt, lr_img, hr_img, self.stage, self.alpha,
-                                           self.weights)
-
-    def _host_step(self, i):
-        rows = slice((i % self.POOL) * self.batch_size, (i % self.POOL + 1) * self.batch_size)
-        return self._step(self.to_device_float(self.pool["lr"][rows]),
-                          self.to_device_float(self.pool["hr"][rows]))
-
-    def measure(self, io: str, steps: int, warmup: int) -> dict:
-        run = (lambda i: self._step(*self.batch)) if io == "device" else self._host_step
-        dt, (g_loss, _) = _timed(run, steps, warmup, self.wait)
-        return {**self.fields(self.precision()), "mode": "train", "io": io, "stage": self.stage,
-                "batch_size": self.batch_size, "width": self.width, "fan": self.use_fan,
-                "images_per_sec": self.batch_size / dt, "step_time_s": dt,
-                "finite": bool(self.torch.isfinite(g_loss.float()).item())}
-
-
-class TorchInference(_TorchRow):
-    """The step-3 generator in PyTorch eager (no grad), measured both ways."""
-
-    def __init__(self, batch_size: int, dtype: str, width: float, device: str = "auto"):
-        torch = _torch()
-        # The reference generator needs torch, an optional dependency.
-        from progsr_jax.interop.pytorch import reference as tr
-
-        super().__init__(torch, _torch_device(torch, device), dtype)
-        self.batch_size, self.width = batch_size, width
-        torch.manual_seed(0)
-        self.G = tr.Generator(width).to(self.dev).eval()
-        self.x = self.to_device_float(self.host_uint8(_host_faces(batch_size, 16, 2)))
-
-    def _forward(self, x):
-        with self.torch.inference_mode(), self.autocast():
-            return self.G(x, 3, 1.0)
-
-    def measure(self, io: str, steps: int, warmup: int) -> dict:
-        torch, b = self.torch, self.batch_size
-        if io == "device":
-            dt, _ = _timed(lambda i: self._forward(self.x), steps, warmup, self.wait)
-        else:
-            faces = self.host_uint8(_host_faces((warmup + steps) * b, 16, 3))
-            out = torch.empty(((warmup + steps) * b, 128, 128, 3), dtype=torch.uint8)
-            out = out.pin_memory() if self.cuda else out
-
-            def run(i):
-                rows = slice(i * b, (i + 1) * b)
-                y = self._forward(self.to_device_float(faces[rows]))
-                y = ((y.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-                out[rows].copy_(y.permute(0, 2, 3, 1), non_blocking=True)
-                return y
-
-            dt, _ = _timed(run, steps, warmup, self.wait)
-        return {**self.fields(self.precision()), "mode": "inference", "io": io,
-                "batch_size": b, "width": self.width, "faces_per_sec": b / dt,
-                "images_per_sec": b / dt, "step_time_s": dt}
-
-
-# --------------------------------------------------------------------------- other modes
-
-
-def _pipeline_rates(ds, spec, batch_size: int, steps: int, warmup: int, workers: int,
-                    stages: tuple[int, ...]) -> dict:
-    """Images/s of each stage's batches through one InputPipeline of ``workers`` workers.
-
-    The stages follow each other in one run of steps (one start of the workers):
-    ``warmup`` batches, then ``steps`` timed ones, per stage; the clock of a stage
-    starts at the batch before its first timed one (the warm-up also drains what the
-    workers made ahead of the previous stage).
-    """
-    warmup = max(1, warmup)
-    ends, end = [], 0
-    for stage in stages:
-        end += warmup + steps
-        ends.append((stage, end))
-    loader = data.BatchLoader(ds, batch_size, 0, ends, degradation=spec)
-    out = {}
-    t_start = time.perf_counter()
-    with data.InputPipeline(loader, 0, end, workers=workers, finish=loader.finish) as batches:
-        begin = 0
-        for stage, stage_end in ends:
-            t0 = None
-            for step, _ in batches.until(stage_end):
-                if step == 0:
-                    out["startup_s"] = time.perf_counter() - t_start
-                if step == begin + warmup - 1:
-                    t0 = time.perf_counter()
-            out[f"stage{stage}_images_per_sec"] = steps * batch_size / (time.perf_counter() - t0)
-            begin = stage_end
-    return out
-
-
-def bench_data(batch_size, steps, warmup, preset, workers=None, repeats=1):
-    """Images/s of degraded stage-1 and stage-3 batches from ``workers`` processes each
-    (default 0, 1, 2 and the CPU cores), and of clean stage-3 batches in-process.
-
-    The worker counts are timed in turn, ``repeats`` rounds; each figure is the median
-    of its rounds, so that a slow spell of a shared machine does not fall on one count.
-    """
-    spec = degradation.from_config(preset)
-    if spec is None:
-        raise UserError("--mode=data needs a --degradation preset other than 'none'")
-    if repeats < 1:
-        raise UserError(f"--repeats must be >= 1, got {repeats}")
-    cores = os.cpu_count() or 1
-    counts = sorted(set([0, 1, 2, cores] if workers is None else workers))
-    if any(n < 0 for n in counts):
-        raise UserError(f"--workers must be counts >= 0, got {counts}")
-    samples: dict[int, list[dict]] = {n: [] for n in counts}
-    with tempfile.TemporaryDirectory(prefix="progsr-bench-") as tmp:
-        ds = data.build_dataset(dict(source="synthetic", num_synthetic=256, cache_dir=tmp),
-                                progress=False, log=lambda _: None)
-        clean = _pipeline_rates(ds, None, batch_size, steps, warmup, 0, (3,))
-        for _ in range(repeats):
-            for n in counts:
-                # Each worker's first batches, and what it makes ahead, are not timed.
-                samples[n].append(_pipeline_rates(ds, spec, batch_size, steps,
-                                                  max(warmup, 2 * n + 2), n, (1, 3)))
-    results = []
-    for n in counts:
-        row = {"workers": n}
-        for key in ("startup_s", "stage1_images_per_sec", "stage3_images_per_sec"):
-            row[key] = statistics.median(r[key] for r in samples[n])
-            if repeats > 1 and key != "startup_s":
-                row[key.replace("images", "all_images")] = [r[key] for r in samples[n]]
-        print(f"# {n} worker{'s' if n != 1 else ''}: stage 1 {row['stage1_images_per_sec']:.0f} "
-              f"images/s, stage 3 {row['stage3_images_per_sec']:.0f} images/s (first batch "
-              f"after {row['startup_s']:.1f} s)", flush=True)
-        results.append(row)
-    base = next((r for r in results if r["workers"] == 0), None)
-    out = {"mode": "data", "batch_size": batch_size, "steps": steps, "repeats": repeats,
-           "degradation": preset,
-           "clean_stage3_images_per_sec_in_process": clean["stage3_images_per_sec"],
-           "results": results, "cpu_count": cores}
-    if base is not None:
-        out["speedup_over_in_process"] = {
-            str(r["workers"]): {f"stage{k}": r[f"stage{k}_images_per_sec"]
-                                / base[f"stage{k}_images_per_sec"] for k in (1, 3)}
-            for r in results}
-    try:
-        out["load_average_1min"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    return out
-
-
-def bench_export(steps, warmup, width, batch_sizes=(1, 64)):
-    """Faces/s of the ONNX export in onnxruntime (CPU) and of the JAX path, in one process."""
-    try:
-        import onnxruntime  # optional dependency (the export extra)
-    except ImportError:
-        raise UserError("--mode=export needs onnxruntime: pip install 'progsr_jax[export]'") \
-            from None
-    _, variables = gan.init_generator(jax.random.PRNGKey(0), width)
-    sr = SuperResolver(variables, 3, 1.0, width)
-    model, _ = export.export_onnx(export.generator_fn(sr), None)  # dynamic batch
-    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
-    rows = []
-    for n in batch_sizes:
-        x = np.random.default_rng(0).uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32)
-        runs = {"jax": lambda: np.asarray(sr(x)),
-                "onnxruntime": lambda: session.run(None, {export.INPUT_NAME: x})[0]}
-        row, outputs = {"batch_size": n}, {}
-        for name, fn in runs.items():
-            for _ in range(warmup + 1):  # the first JAX call compiles
-                outputs[name] = fn()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            row[f"{name}_faces_per_sec"] = n * steps / (time.perf_counter() - t0)
-        row["onnxruntime_over_jax"] = row["onnxruntime_faces_per_sec"] / row["jax_faces_per_sec"]
-        row["max_abs_diff"] = float(np.abs(outputs["jax"] - outputs["onnxruntime"]).max())
-        print(f"# batch {n}: JAX {row['jax_faces_per_sec']:.1f} faces/s, onnxruntime "
-              f"{row['onnxruntime_faces_per_sec']:.1f} faces/s "
-              f"({row['onnxruntime_over_jax']:.2f}x), max |diff| {row['max_abs_diff']:.1e}",
-              flush=True)
-        rows.append(row)
-    return {"framework": "jax+onnxruntime", "mode": "export", "width": width, "steps": steps,
-            "results": rows, "cpu_count": os.cpu_count(), **_device_fields()}
-
-
 # --------------------------------------------------------------------------- the suite
 
 
@@ -791,7 +231,7 @@ def run_worker(fv) -> None:
                                              fv.torch_device))
             for _ in range(runs):
                 for io in IO_KINDS:
-                    _emit(_with_rates(bench.measure(io, fv.steps, fv.warmup), fv.peak_tflops))
+                    _emit(with_rates(bench.measure(io, fv.steps, fv.warmup), fv.peak_tflops))
         except UserError as e:
             _emit({"framework": fv.suite_worker, **key, "error": str(e)})
             if fv.suite_worker == "torch":
@@ -800,8 +240,8 @@ def run_worker(fv) -> None:
             _emit({"framework": fv.suite_worker, **key,
                    "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
         del bench  # free the row's device memory before the next one
-        if fv.suite_worker == "torch" and _torch().cuda.is_available():
-            _torch().cuda.empty_cache()
+        if fv.suite_worker == "torch" and load_torch().cuda.is_available():
+            load_torch().cuda.empty_cache()
 
 
 def _worker_args(fv) -> list[str]:
@@ -970,7 +410,7 @@ def measure_one(fv) -> dict:
     """The single measurement of the flags (``--mode=train`` or ``inference``)."""
     if fv.torch:
         if fv.torch_threads:
-            _torch().set_num_threads(fv.torch_threads)
+            load_torch().set_num_threads(fv.torch_threads)
         bench = (TorchTrain(fv.stage, fv.batch_size, fv.dtype, fv.width, fv.fan, fv.torch_device)
                  if fv.mode == "train"
                  else TorchInference(fv.batch_size, fv.dtype, fv.width, fv.torch_device))
@@ -978,7 +418,7 @@ def measure_one(fv) -> dict:
         bench = JaxTrain(fv.stage, fv.batch_size, fv.dtype, fv.width, fv.d_width, fv.fan)
     else:
         bench = JaxInference(fv.batch_size, fv.dtype, fv.width)
-    return _with_rates(bench.measure(fv.io, fv.steps, fv.warmup), fv.peak_tflops)
+    return with_rates(bench.measure(fv.io, fv.steps, fv.warmup), fv.peak_tflops)
 
 
 def main(argv=None) -> int:
@@ -986,7 +426,7 @@ def main(argv=None) -> int:
     _check(fv)
     if fv.suite_worker:
         if fv.suite_worker == "torch" and fv.torch_threads:
-            _torch().set_num_threads(fv.torch_threads)
+            load_torch().set_num_threads(fv.torch_threads)
         run_worker(fv)
         return 0
     if fv.suite:

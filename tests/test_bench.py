@@ -34,7 +34,7 @@ import sys
 
 import pytest
 
-from progsr_jax import bench
+from progsr_jax.benchmarks import accounting, jax_rows, torch_rows
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -138,28 +138,28 @@ def test_hand_count_per_network_matches_the_issue_figures():
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bench_flops_match_the_hand_count(stage):
-    flops = bench.train_flops(stage, batch_size=2)
+    flops = jax_rows.train_flops(stage, batch_size=2)
     assert flops / 2 == pytest.approx(hand_step_flops(stage), rel=0.05)
 
 
 def test_bench_inference_flops_match_the_hand_count():
-    flops = bench.inference_flops(batch_size=2)
+    flops = jax_rows.inference_flops(batch_size=2)
     assert flops / 2 == pytest.approx(2 * _f(hand_generator(3)), rel=0.05)
 
 
 def test_peak_table_and_precision():
     import jax
 
-    assert bench.peak_tflops("NVIDIA H200", "tf32") == pytest.approx(494.7)
-    assert bench.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == pytest.approx(756.0)
-    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4)
-    assert bench.peak_tflops("TPU v5 lite", "bfloat16") == pytest.approx(197.0)
-    assert bench.peak_tflops("cpu", "float32") is None
-    assert bench.peak_tflops("cpu", "float32", override=1.5) == 1.5
+    assert accounting.peak_tflops("NVIDIA H200", "tf32") == pytest.approx(494.7)
+    assert accounting.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == pytest.approx(756.0)
+    assert accounting.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4)
+    assert accounting.peak_tflops("TPU v5 lite", "bfloat16") == pytest.approx(197.0)
+    assert accounting.peak_tflops("cpu", "float32") is None
+    assert accounting.peak_tflops("cpu", "float32", override=1.5) == 1.5
     cpu = jax.devices("cpu")[0]
-    assert bench.precision("float32", cpu) == "float32"
-    assert bench.precision("bfloat16", cpu) == "bfloat16"
-    out = bench._with_rates({"flops_per_step": 4e12, "step_time_s": 0.5, "precision": "tf32",
+    assert accounting.precision("float32", cpu) == "float32"
+    assert accounting.precision("bfloat16", cpu) == "bfloat16"
+    out = accounting.with_rates({"flops_per_step": 4e12, "step_time_s": 0.5, "precision": "tf32",
                              "device": "gpu:NVIDIA H200"}, None)
     assert out["achieved_tflops"] == pytest.approx(8.0)
     assert out["fraction_of_peak"] == pytest.approx(8.0 / 494.7)
@@ -207,4 +207,4 @@ def test_pytorch_without_cuda_is_a_clear_reason():
     from progsr_jax.errors import UserError
 
     with pytest.raises(UserError, match="has no CUDA device.*PyTorch rows are skipped"):
-        bench.TorchInference(4, "float32", 0.0625, device="cuda")
+        torch_rows.TorchInference(4, "float32", 0.0625, device="cuda")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from progsr_jax import bench, data
+from progsr_jax import data
+from progsr_jax.benchmarks import input_and_export
 from progsr_jax.data import degradation as deg
 from progsr_jax.errors import UserError
 from progsr_jax.training import config as config_files
@@ -218,7 +219,7 @@ def test_presets_and_overrides_from_the_command_line_config():
 
 def test_bench_data_mode_reports_degraded_images_per_second():
 
-    out = bench.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", workers=[1, 0])
+    out = input_and_export.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", workers=[1, 0])
     assert [r["workers"] for r in out["results"]] == [0, 1]
     assert out["clean_stage3_images_per_sec_in_process"] > 0
     for row in out["results"]:
@@ -226,9 +227,9 @@ def test_bench_data_mode_reports_degraded_images_per_second():
             assert row[key] > 0, (row, key)
     speedup = out["speedup_over_in_process"]
     assert speedup["0"] == {"stage1": 1.0, "stage3": 1.0} and speedup["1"]["stage3"] > 0
-    rounds = bench.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", workers=[0],
+    rounds = input_and_export.bench_data(batch_size=4, steps=2, warmup=1, preset="mild", workers=[0],
                               repeats=3)["results"][0]
     assert len(rounds["stage3_all_images_per_sec"]) == 3
     assert rounds["stage3_images_per_sec"] == sorted(rounds["stage3_all_images_per_sec"])[1]
     with pytest.raises(UserError, match="other than 'none'"):
-        bench.bench_data(batch_size=4, steps=1, warmup=0, preset="none")
+        input_and_export.bench_data(batch_size=4, steps=1, warmup=0, preset="none")

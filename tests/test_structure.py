@@ -43,7 +43,8 @@ LAYERS = {
     "progsr_jax.evaluation": 4, "progsr_jax.photo": 4,
     "progsr_jax.video": 5,
     "progsr_jax.training": 6,
-    "progsr_jax.cli": 7, **{f"progsr_jax.{c}": 7 for c in COMMANDS},
+    "progsr_jax.cli": 7, "progsr_jax.benchmarks": 7,
+    **{f"progsr_jax.{c}": 7 for c in COMMANDS},
 }
 
 #: Third-party packages a function may import where it needs them (optional extras

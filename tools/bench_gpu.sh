@@ -8,7 +8,7 @@
 #   bash tools/bench_gpu.sh [extra bench flags, e.g. --peak_tflops=989]
 #   OUT=DIR: the JSON lines go to DIR/bench_gpu.jsonl (default ./bench_gpu.jsonl)
 #   BENCH_GPU_REHEARSAL=1: the same suite on the CPU at tiny sizes (tests/test_bench.py)
-# Needs no network.  See progsr_jax/bench.py and docs/gpu.md.
+# Needs no network.  See progsr_jax/bench.py, progsr_jax/benchmarks/ and docs/gpu.md.
 set -euo pipefail
 python="${PYTHON:-python}"
 out="${OUT:-.}/bench_gpu.jsonl"
